@@ -1,0 +1,4 @@
+from hilt.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,127 @@
+"""Checkpoints: one versioned dict of plain containers, tensors and numbers, written atomically and only ever read
+with ``torch.load(..., weights_only=True)`` so a crafted file cannot run code.
+
+Keys (FORMAT_VERSION 1): format_version, config (ModelConfig as a dict), model_state_dict, optimizer_state_dict,
+scheduler_state_dict, scaler_state_dict, epoch (epochs completed), batch_in_epoch (batches of the current epoch
+already trained), global_step, best_loss, train_loss, val_loss, perplexity, train_config (the run's settings),
+rng_state, tokenizer (its identity string), history (per-epoch metrics).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hilt.errors import UserError
+from hilt.model import HierarchicalTransformer, ModelConfig
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "config", "model_state_dict")
+
+
+def atomic_save(obj: dict, path: str | Path) -> None:
+    """Writes to a temporary file in the same folder, fsyncs it, then renames it over ``path``: a crash at any
+    moment leaves either the old complete file or the new complete file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # make the rename itself durable
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Loads and checks a checkpoint; every failure is a UserError naming the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise UserError(f"checkpoint path is a directory: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"refusing to load {path}: it is not a plain-data checkpoint ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{path} is not a readable HILT checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise UserError(
+            f"{path} is not a HILT checkpoint (missing {', '.join(k for k in REQUIRED_KEYS if k not in (ckpt if isinstance(ckpt, dict) else {}))})"
+        )
+    version = ckpt["format_version"]
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format {version}; this HILT reads format {FORMAT_VERSION}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> HierarchicalTransformer:
+    """Rebuilds the model from the config stored in the checkpoint and loads its weights."""
+    try:
+        config = ModelConfig.from_dict(ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: invalid model config in checkpoint: {e}") from None
+    model = HierarchicalTransformer(config)
+    try:
+        model.load_state_dict(ckpt["model_state_dict"])
+    except RuntimeError as e:
+        raise UserError(
+            f"{path}: weights do not match the architecture in its config: {str(e).splitlines()[0]}"
+        ) from None
+    return model
+
+
+# --- RNG state as tensors and numbers, so it survives weights_only loading ----------------------------------
+
+
+def capture_rng_state() -> dict:
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "python_version": py_version,
+        "python_gauss": py_gauss,
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(
+        (state["python_version"], tuple(int(v) for v in state["python"].tolist()), state["python_gauss"])
+    )
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_gauss"],
+        )
+    )
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

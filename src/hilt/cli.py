@@ -1,0 +1,229 @@
+"""The `hilt` command: one subcommand, one function. The root scripts train.py, inference.py and build_vocab.py
+call ``main`` with their subcommand.
+
+Mistakes a user can make end in one line on stderr and exit status 2; nothing on disk is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from hilt.errors import UserError
+from hilt.model import (
+    ILT_DIM,
+    ILT_DROPOUT,
+    ILT_WINDOW,
+    MODULATION_SCALE_END,
+    MODULATION_SCALE_START,
+    N_LAYERS_ILT,
+    NHEAD_ILT,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + error
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+# --- shared flag groups --------------------------------------------------------------------------------------
+
+# flag -> (ModelConfig field, type, help). Defaults are None so that a flag given on --resume can be checked
+# against the checkpoint; ModelConfig fills in the real defaults.
+MODEL_FLAGS = {
+    "--model_dim": ("d_model", int, "model width d_model (default 256)"),
+    "--n_layers": ("n_layers", int, "main transformer layers (default 6)"),
+    "--n_heads": ("n_heads", int, "attention heads (default 8)"),
+    "--d_ff": ("d_ff", int, "feed-forward width (default 4 * model_dim)"),
+    "--dropout": ("dropout", float, "dropout of the main layers (default 0.1)"),
+    "--max_seq_len": ("max_seq_len", int, "longest context the positional encoding covers (default 1024)"),
+    "--n_layers_ilt": (
+        "n_layers_ilt",
+        int,
+        f"layers inside each ILT; 0 = plain transformer (default {N_LAYERS_ILT})",
+    ),
+    "--ilt_dim": ("ilt_dim", int, f"ILT width ILT_DIM (default {ILT_DIM})"),
+    "--nhead_ilt": ("nhead_ilt", int, f"ILT attention heads NHEAD_ILT (default {NHEAD_ILT})"),
+    "--ilt_dropout": ("ilt_dropout", float, f"ILT dropout ILT_DROPOUT (default {ILT_DROPOUT})"),
+    "--ilt_window": ("ilt_window", int, f"layer outputs each ILT sees (default {ILT_WINDOW})"),
+    "--modulation_scale_start": (
+        "modulation_scale_start",
+        float,
+        f"curriculum start (default {MODULATION_SCALE_START})",
+    ),
+    "--modulation_scale_end": (
+        "modulation_scale_end",
+        float,
+        f"curriculum end, used for eval and generation (default {MODULATION_SCALE_END})",
+    ),
+}
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "model (ignored on --resume: the checkpoint's config rules; a contradicting flag is an error)"
+    )
+    for flag, (field, typ, help_text) in MODEL_FLAGS.items():
+        g.add_argument(flag, dest=field, type=typ, default=None, help=help_text)
+    g.add_argument(
+        "--tie_weights",
+        dest="tie_weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="share the token embedding with the LM head (default on)",
+    )
+
+
+def model_args(args: argparse.Namespace) -> dict:
+    fields = [field for field, _, _ in MODEL_FLAGS.values()] + ["tie_weights"]
+    return {f: getattr(args, f) for f in fields}
+
+
+# --- subcommands ---------------------------------------------------------------------------------------------
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text_file", required=True, help="training text (UTF-8)")
+    p.add_argument(
+        "--max_tokens",
+        type=int,
+        default=100_000,
+        help="use the first N tokens; 0 = the whole file (default 100000)",
+    )
+    p.add_argument("--batch_size", type=int, default=32, help="sequences per batch (default 32)")
+    p.add_argument("--seq_len", type=int, default=128, help="tokens per training sequence (default 128)")
+    p.add_argument(
+        "--epochs", type=int, default=10, help="total epochs; on --resume, the new total (default 10)"
+    )
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of AdamW (default 5e-4)")
+    p.add_argument(
+        "--clip_grad", type=float, default=1.0, help="clip the gradient norm to this; 0 = off (default 1.0)"
+    )
+    p.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step (default 1)"
+    )
+    p.add_argument(
+        "--no_amp", action="store_true", help="train in fp32 (default: bf16/fp16 autocast where supported)"
+    )
+    p.add_argument(
+        "--scheduler",
+        choices=["cosine", "step", "none"],
+        default="cosine",
+        help="LR schedule (default cosine)",
+    )
+    p.add_argument("--warmup_steps", type=int, default=0, help="linear LR warm-up steps (default 0)")
+    p.add_argument(
+        "--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices (default 0.1)"
+    )
+    p.add_argument(
+        "--val_fraction",
+        type=float,
+        default=0.1,
+        help="validation share, held out from the end (default 0.1)",
+    )
+    p.add_argument(
+        "--resume", default=None, metavar="PATH", help="continue from a checkpoint up to --epochs in total"
+    )
+    p.add_argument("--out_dir", default=".", help="where checkpoints and metrics go (default .)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--save_every",
+        type=int,
+        default=0,
+        help="also write last_model.pt every N optimizer steps (default 0 = epoch ends only)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="a local Hugging Face tokenizer folder (default: shipped GPT-2)",
+    )
+    add_model_flags(p)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hilt.train import TrainConfig, run_training
+
+    cfg = TrainConfig(
+        text_file=args.text_file,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        epochs=args.epochs,
+        lr=args.lr,
+        clip_grad=args.clip_grad,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        amp=not args.no_amp,
+        scheduler=args.scheduler,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        val_fraction=args.val_fraction,
+        out_dir=args.out_dir,
+        seed=args.seed,
+        device=args.device,
+        save_every=args.save_every,
+        resume=args.resume,
+        tokenizer=args.tokenizer,
+    )
+    run_training(cfg, model_args(args))
+    return 0
+
+
+def add_vocab(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="a local Hugging Face tokenizer folder (default: shipped GPT-2)",
+    )
+    p.add_argument("--text", default="Hello world! To be, or not to be.", help="example for the round trip")
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from hilt.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    print(f"Tokenizer: {tok.name}")
+    print(f"Vocabulary size: {tok.vocab_size} (including special tokens)")
+    for t in SPECIAL_TOKENS:
+        print(f"  {t}: {tok._tok.token_to_id(t)}")
+    ids = tok.encode(args.text)
+    print(f"Round trip: {args.text!r}")
+    print(f"  ids:    {ids}")
+    print(f"  tokens: {[tok.id_to_token(i) for i in ids]}")
+    back = tok.decode(ids)
+    print(f"  decode: {back!r} ({'identical' if back == args.text else 'DIFFERENT'})")
+    return 0
+
+
+# name -> (add flags, run, help). Other modules add rows here as the toolkit grows.
+COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
+    "train": (add_train, cmd_train, "train a model on a text file"),
+    "vocab": (add_vocab, cmd_vocab, "print the tokenizer's vocabulary facts"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hilt", description="Hierarchical Transformer with Inter-Layer Transformers")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (add_flags, _, help_text) in COMMANDS.items():
+        add_flags(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""The Hierarchical Transformer: a decoder-only transformer whose consecutive layers are mixed by small
+Inter-Layer Transformers (ILTs).
+
+Read bottom-up: positions -> attention -> feed-forward -> layer -> ILT -> whole model.
+
+Shape legend: B batch, T tokens in this call, S tokens attended to (cache + new), C d_model,
+H heads, D head size (C // H), W layer window of an ILT, E ilt_dim, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hilt.kv_cache import KVCache
+
+# --- the design's ILT constants (defaults of ModelConfig; every one is a CLI flag too) -----------------------
+ILT_DIM = 128
+NHEAD_ILT = 2
+N_LAYERS_ILT = 2
+ILT_DROPOUT = 0.1
+ILT_WINDOW = 2
+MODULATION_SCALE_START = 0.01
+MODULATION_SCALE_END = 0.1
+
+DROPOUT = 0.1
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; saved inside every checkpoint."""
+
+    vocab_size: int
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 8
+    d_ff: int | None = None  # None -> 4 * d_model
+    dropout: float = DROPOUT
+    max_seq_len: int = 1024
+    tie_weights: bool = True
+    n_layers_ilt: int = N_LAYERS_ILT  # 0 -> plain transformer, no ILT parameters at all
+    ilt_dim: int = ILT_DIM
+    nhead_ilt: int = NHEAD_ILT
+    ilt_dropout: float = ILT_DROPOUT
+    ilt_window: int = ILT_WINDOW  # how many of the latest layer outputs an ILT sees
+    # the curriculum: training ramps modulation_scale from start to end; evaluation and generation use end
+    modulation_scale_start: float = MODULATION_SCALE_START
+    modulation_scale_end: float = MODULATION_SCALE_END
+
+    def __post_init__(self) -> None:
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        positive = (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "d_ff",
+            "max_seq_len",
+            "ilt_dim",
+            "nhead_ilt",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_layers_ilt < 0:
+            raise ValueError(f"ModelConfig.n_layers_ilt must be >= 0, got {self.n_layers_ilt}")
+        if self.ilt_window < 2:
+            raise ValueError(
+                f"ModelConfig.ilt_window must be >= 2 (previous + current layer), got {self.ilt_window}"
+            )
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.ilt_dim % self.nhead_ilt:
+            raise ValueError(
+                f"ModelConfig.ilt_dim ({self.ilt_dim}) must be divisible by nhead_ilt ({self.nhead_ilt})"
+            )
+        for name in ("dropout", "ilt_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {', '.join(unknown)}")
+        return cls(**values)
+
+
+# --- pieces --------------------------------------------------------------------------------------------------
+
+
+class PositionalEncoding(nn.Module):
+    """Fixed sinusoidal positions (Vaswani et al.), precomputed up to max_seq_len."""
+
+    def __init__(self, d_model: int, max_seq_len: int = 1024):
+        super().__init__()
+        position = torch.arange(max_seq_len).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_seq_len, d_model)
+        pe[:, 0::2] = torch.sin(position * div_term)
+        pe[:, 1::2] = torch.cos(position * div_term[: d_model // 2])
+        # not a parameter and not saved: it is a pure function of the config
+        self.register_buffer("pe", pe, persistent=False)
+
+    def forward(self, start: int, length: int) -> torch.Tensor:
+        if start + length > self.pe.size(0):
+            raise ValueError(
+                f"positions {start}..{start + length - 1} exceed max_seq_len {self.pe.size(0)}; "
+                "crop the input or use a sliding window"
+            )
+        return self.pe[start : start + length]  # (T, C)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention through torch's fused SDPA kernel, with an optional KV cache."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)  # one fused projection for q, k and v
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (
+            t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v)
+        )  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, H, S, D): everything seen so far
+        S = k.size(2)
+        mask, is_causal = None, S > 1
+        if S != T:
+            # SDPA's is_causal aligns the mask top-left; T new queries after S - T cached keys need it
+            # bottom-right: query i sees keys 0 .. S - T + i.
+            is_causal = False
+            if T > 1:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: Linear -> GELU -> Linear, with dropout."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff)
+        self.proj = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer layer: x + attn(ln(x)), then x + ff(ln(x)). Causal over the sequence axis,
+    which for an ILT is the axis of layers."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model, d_ff, dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer_idx)
+        return x + self.ff(self.ln2(x))
+
+
+# --- the new idea --------------------------------------------------------------------------------------------
+
+
+class InterLayerTransformer(nn.Module):
+    """Mixes the latest main-layer outputs at each token position into a modulation of the current one.
+
+    For every token position independently (positions are never mixed, so a KV cache stays exact)::
+
+        h_prev (B,T,C) ──┐                     "layer sequence" of length W (default 2)
+                         ├─ stack ─> (B·T, W, C) ─> Linear C→E ─> LayerNorm
+        h_cur  (B,T,C) ──┘                          │
+                                                    ▼
+                          N_LAYERS_ILT x TransformerLayer(E, NHEAD_ILT), causal over layers:
+                          h_cur attends to h_prev and itself, h_prev only to itself
+                                                    │
+                                                    ▼
+                          dropout ─> mean over W ─> Linear E→C ─> modulation (B,T,C)
+
+        h_cur' = h_cur + modulation_scale * modulation        (done by the caller, HierarchicalTransformer)
+
+    ``modulation_scale`` follows a curriculum during training (small at first, so the ILTs start as a gentle
+    perturbation of a plain transformer) and is held at its final value for validation and generation.
+    """
+
+    def __init__(self, d_model: int, ilt_dim: int, n_heads: int, n_layers: int, dropout: float):
+        super().__init__()
+        self.proj_in = nn.Linear(d_model, ilt_dim)
+        self.ln = nn.LayerNorm(ilt_dim)
+        self.layers = nn.ModuleList(
+            TransformerLayer(ilt_dim, n_heads, 4 * ilt_dim, dropout) for _ in range(n_layers)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(ilt_dim, d_model)
+
+    def forward(self, window: list[torch.Tensor]) -> torch.Tensor:
+        """window: the latest layer outputs, oldest first, each (B, T, C). Returns the modulation (B, T, C)."""
+        B, T, C = window[-1].shape
+        x = torch.stack(window, dim=2).reshape(
+            B * T, len(window), C
+        )  # (B·T, W, C): a batch of layer sequences
+        x = self.ln(self.proj_in(x))  # (B·T, W, E)
+        for layer in self.layers:
+            x = layer(x)
+        x = self.dropout(x).mean(dim=1)  # (B·T, E)
+        return self.proj_out(x).view(B, T, C)
+
+
+# --- the whole model -----------------------------------------------------------------------------------------
+
+
+class HierarchicalTransformer(nn.Module):
+    """Token embedding + sinusoidal positions -> n_layers TransformerLayers with an ILT between each
+    consecutive pair -> final LayerNorm -> LM head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.embed_scale = math.sqrt(c.d_model)
+        self.pos = PositionalEncoding(c.d_model, c.max_seq_len)
+        self.drop = nn.Dropout(c.dropout)
+        self.layers = nn.ModuleList(
+            TransformerLayer(c.d_model, c.n_heads, c.d_ff, c.dropout) for _ in range(c.n_layers)
+        )
+        # ILT i sits between main layers i and i + 1; none at all for the plain-transformer baseline
+        n_ilts = c.n_layers - 1 if c.n_layers_ilt > 0 else 0
+        self.ilts = nn.ModuleList(
+            InterLayerTransformer(c.d_model, c.ilt_dim, c.nhead_ilt, c.n_layers_ilt, c.ilt_dropout)
+            for _ in range(n_ilts)
+        )
+        self.ln_f = nn.LayerNorm(c.d_model)
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_weights:
+            self.head.weight = self.embed.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaling: residual projections shrink with depth so the residual stream's variance stays put
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") and name.startswith("layers."):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self, idx: torch.Tensor, modulation_scale: float | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Token ids (B, T) in, next-token logits (B, T, V) out.
+
+        ``modulation_scale`` weighs the ILTs' output; None means the trained model's final value
+        (``config.modulation_scale_end``), which is what evaluation and generation use.
+
+        With a ``cache`` the ids continue the sequence the cache holds: positions start at ``cache.length``,
+        every layer's keys/values are appended, and the cache advances by T.
+        """
+        if modulation_scale is None:
+            modulation_scale = self.config.modulation_scale_end
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        # sqrt(d_model) keeps token identity from drowning in the unit-amplitude sinusoids (Vaswani et al.)
+        x = self.drop(self.embed(idx) * self.embed_scale + self.pos(start, T))  # (B, T, C)
+        window: list[torch.Tensor] = []  # the latest main-layer outputs, oldest first
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache, i)
+            if i > 0 and self.ilts:
+                x = x + modulation_scale * self.ilts[i - 1]([*window, x])
+            window = [*window, x][-(self.config.ilt_window - 1) :]
+        if cache is not None:
+            cache.advance(T)
+        return self.head(self.ln_f(x))
+
+    def num_parameters(self, ilt_only: bool = False) -> int:
+        params = self.ilts.parameters() if ilt_only else self.parameters()
+        return sum(p.numel() for p in params)

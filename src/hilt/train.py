@@ -1,0 +1,464 @@
+"""The training loop: AdamW, mixed precision, gradient accumulation and clipping, the LR schedule and the ILT
+curriculum, per-epoch validation, and checkpoints that resume exactly.
+
+The ``Trainer`` knows nothing about tokenizers or files: it gets a model (optionally wrapped, e.g. in DDP),
+two ``TokenBatches`` and a ``TrainConfig``. ``run_training`` is the glue the CLI calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from hilt.checkpoint import (
+    FORMAT_VERSION,
+    atomic_save,
+    capture_rng_state,
+    load_checkpoint,
+    model_from_checkpoint,
+    restore_rng_state,
+)
+from hilt.data import TokenBatches, min_tokens_needed, split_tokens, tokenize_file
+from hilt.device import autocast_dtype, resolve_device
+from hilt.errors import UserError
+from hilt.metrics import MetricsLog
+from hilt.model import HierarchicalTransformer, ModelConfig
+from hilt.schedule import SCHEDULERS, lr_factor, modulation_scale
+from hilt.tokenizer import Tokenizer
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient norm: training stops and the last good checkpoints stay as they are."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """How to train (the model's shape lives in ModelConfig). Saved in every checkpoint as ``train_config``."""
+
+    text_file: str
+    max_tokens: int = 100_000  # 0 = the whole file
+    batch_size: int = 32
+    seq_len: int = 128
+    epochs: int = 10
+    lr: float = 5e-4
+    clip_grad: float = 1.0  # 0 = no clipping
+    gradient_accumulation_steps: int = 1
+    amp: bool = True  # bf16/fp16 autocast where the hardware supports it
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    val_fraction: float = 0.1
+    out_dir: str = "."
+    seed: int = 1337
+    device: str = "auto"
+    save_every: int = 0  # also write last_model.pt every N optimizer steps (0 = only at epoch ends)
+    resume: str | None = None
+    tokenizer: str | None = None  # a local Hugging Face tokenizer folder; None = the shipped GPT-2
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "epochs", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        for name in ("max_tokens", "save_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.clip_grad < 0 or self.weight_decay < 0:
+            raise UserError("--clip_grad and --weight_decay must be >= 0")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"--val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # weight decay on matrices only: decaying biases, norms and (tied) embeddings' rows hurts small models
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data``, validating on ``val_data`` after every epoch.
+
+    ``net`` is what the forward pass goes through: the model itself, or a DistributedDataParallel wrapper of it.
+    Only the main process (``is_main``) prints, logs and writes checkpoints.
+    """
+
+    def __init__(
+        self,
+        model: HierarchicalTransformer,
+        cfg: TrainConfig,
+        train_data: TokenBatches,
+        val_data: TokenBatches,
+        *,
+        device: torch.device,
+        tokenizer_name: str = "",
+        net: nn.Module | None = None,
+        is_main: bool = True,
+    ):
+        self.model = model
+        self.net = net if net is not None else model
+        self.cfg = cfg
+        self.train_data = train_data
+        self.val_data = val_data
+        self.device = device
+        self.tokenizer_name = tokenizer_name
+        self.is_main = is_main
+        self.out_dir = Path(cfg.out_dir)
+
+        self.optimizer = build_optimizer(model, cfg)
+        self.steps_per_epoch = math.ceil(len(train_data) / cfg.gradient_accumulation_steps)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        # the lambda reads self.total_steps, so resuming with a larger --epochs stretches the schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.total_steps, cfg.scheduler, cfg.warmup_steps)
+        )
+        self.amp_dtype = autocast_dtype(device, cfg.amp)
+        # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl") if is_main else None
+
+        self.epoch = 0  # epochs completed
+        self.batch_in_epoch = 0  # batches of the current epoch already trained
+        self.global_step = 0  # optimizer steps taken
+        self.best_loss = math.inf
+        self.last_val_loss = math.nan
+        self.epoch_stats = _new_epoch_stats()
+        self.history: list[dict] = []
+
+    # --- one step ---------------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, scale: float, reduction: str = "mean"):
+        with self.autocast():
+            logits = net(x.to(self.device), scale)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten(), reduction=reduction)
+
+    def train_step(self, order: torch.Tensor) -> None:
+        """One optimizer step over the next ``gradient_accumulation_steps`` batches of this epoch."""
+        n_batches = len(self.train_data)
+        first = self.batch_in_epoch
+        last = min(first + self.cfg.gradient_accumulation_steps, n_batches)
+        scale = modulation_scale(
+            (self.epoch + first / n_batches) / self.cfg.epochs,
+            self.model.config.modulation_scale_start,
+            self.model.config.modulation_scale_end,
+        )
+        losses = []
+        for i in range(first, last):
+            x, y = self.train_data.batch(self.epoch, i, order)
+            # under DDP only the last micro-step of an accumulation group all-reduces the gradients
+            sync = (
+                contextlib.nullcontext()
+                if i == last - 1 or not hasattr(self.net, "no_sync")
+                else self.net.no_sync()
+            )
+            with sync:
+                loss = self.loss(self.net, x, y, scale)
+                self.scaler.scale(loss / (last - first)).backward()
+            losses.append(loss.detach())
+        step_loss = torch.stack(losses).mean().item()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        # with fp16 loss scaling an inf gradient is routine (the scaler skips the step); elsewhere it is fatal
+        if not math.isfinite(step_loss) or (not self.scaler.is_enabled() and not math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"training diverged at step {self.global_step + 1} (loss {step_loss}, grad norm {grad_norm}); "
+                f"the last good checkpoints in {self.out_dir} are unchanged - try a lower --lr"
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.global_step += 1
+        self.batch_in_epoch = last
+        stats = self.epoch_stats
+        stats["loss_sum"] += step_loss * (last - first)
+        stats["batches"] += last - first
+        stats["grad_norm_sum"] += grad_norm
+        stats["steps"] += 1
+        if self.metrics:
+            self.metrics.write(
+                kind="step",
+                step=self.global_step,
+                epoch=self.epoch + last / n_batches,
+                loss=step_loss,
+                lr=self.current_lr(),
+                grad_norm=grad_norm,
+                modulation_scale=scale,
+            )
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # --- evaluation -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over every validation window, at the final modulation scale."""
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
+        for x, y in self.val_data.eval_batches():
+            total[0] += self.loss(
+                self.model, x, y, self.model.config.modulation_scale_end, reduction="sum"
+            ).double()
+            total[1] += y.numel()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        self.model.train(was_training)
+        return (total[0] / total[1]).item()
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def fit(self) -> list[dict]:
+        self.model.train()
+        n_tokens_per_batch = self.cfg.batch_size * self.cfg.seq_len * self.train_data.world_size
+        while self.epoch < self.cfg.epochs:
+            order = self.train_data.window_order(self.epoch)
+            bar = tqdm(
+                total=len(self.train_data),
+                initial=self.batch_in_epoch,
+                desc=f"Epoch {self.epoch + 1}/{self.cfg.epochs}",
+                disable=not self.is_main,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            while self.batch_in_epoch < len(self.train_data):
+                before, t0 = self.batch_in_epoch, time.perf_counter()
+                self.train_step(order)
+                done = self.batch_in_epoch - before
+                bar.update(done)
+                tok_s = done * n_tokens_per_batch / (time.perf_counter() - t0)
+                bar.set_postfix(
+                    loss=f"{self.epoch_stats['loss_sum'] / self.epoch_stats['batches']:.4f}",
+                    lr=f"{self.current_lr():.2e}",
+                    tok_s=f"{tok_s:,.0f}",
+                )
+                if (
+                    self.cfg.save_every
+                    and self.global_step % self.cfg.save_every == 0
+                    and self.batch_in_epoch < len(self.train_data)
+                ):
+                    self.save("last_model.pt")
+            bar.close()
+            self.end_epoch()
+        return self.history
+
+    def end_epoch(self) -> None:
+        stats = self.epoch_stats
+        train_loss = stats["loss_sum"] / max(1, stats["batches"])
+        val_loss = self.evaluate()
+        self.last_val_loss = val_loss
+        record = {
+            "epoch": self.epoch + 1,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "avg_grad_norm": stats["grad_norm_sum"] / max(1, stats["steps"]),
+            "lr": self.current_lr(),
+        }
+        self.history.append(record)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.epoch_stats = _new_epoch_stats()
+        improved = val_loss < self.best_loss
+        if improved:
+            self.best_loss = val_loss
+        if not self.is_main:
+            return
+        print(f"\nEpoch {record['epoch']}/{self.cfg.epochs} Summary:")
+        print(f"Train Loss: {train_loss:.4f} | Train Perplexity: {_ppl(train_loss):.2f}")
+        print(f"Val Loss: {val_loss:.4f} | Val Perplexity: {_ppl(val_loss):.2f}")
+        print(f"Avg Grad Norm: {record['avg_grad_norm']:.4f} | Learning Rate: {record['lr']:.6f}")
+        self.metrics.write(kind="epoch", step=self.global_step, **record)
+        if improved:
+            self.save("best_model.pt", train_loss=train_loss)
+            print(f"✓ Saved best model with val loss: {val_loss:.4f}, perplexity: {_ppl(val_loss):.2f}")
+        self.save("last_model.pt", train_loss=train_loss)
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    def state_dict(self, train_loss: float | None = None) -> dict:
+        stats = self.epoch_stats
+        if train_loss is None:
+            train_loss = stats["loss_sum"] / stats["batches"] if stats["batches"] else math.nan
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": self.model.config.to_dict(),
+            "train_config": asdict(self.cfg),
+            "tokenizer": self.tokenizer_name,
+            "model_state_dict": self.model.state_dict(),
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "scheduler_state_dict": self.scheduler.state_dict(),
+            "scaler_state_dict": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_step": self.global_step,
+            "epoch_stats": dict(stats),
+            "data_fingerprint": self.data_fingerprint(),
+            "best_loss": self.best_loss,
+            "train_loss": train_loss,
+            "val_loss": self.last_val_loss,
+            "perplexity": _ppl(self.last_val_loss),
+            "history": list(self.history),
+            "rng_state": capture_rng_state(),
+        }
+
+    def save(self, name: str, train_loss: float | None = None) -> None:
+        atomic_save(self.state_dict(train_loss), self.out_dir / name)
+
+    def data_fingerprint(self) -> dict:
+        d = self.train_data
+        return {
+            "tokens": len(d.tokens),
+            "seq_len": d.seq_len,
+            "batch_size": d.batch_size,
+            "world_size": d.world_size,
+            "seed": d.seed,
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        """Restores everything a resume needs. If the data or batching changed since the checkpoint, training
+        continues from the start of the next epoch instead of mid-epoch (the old position means nothing)."""
+        self.model.load_state_dict(ckpt["model_state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        self.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+        # --lr on the resume command wins over the checkpoint's (identical for an exact resume)
+        self.scheduler.base_lrs = [self.cfg.lr for _ in self.scheduler.base_lrs]
+        if ckpt.get("scaler_state_dict"):
+            self.scaler.load_state_dict(ckpt["scaler_state_dict"])
+        self.epoch = int(ckpt["epoch"])
+        self.global_step = int(ckpt["global_step"])
+        self.best_loss = float(ckpt["best_loss"])
+        self.last_val_loss = float(ckpt["val_loss"])
+        self.history = list(ckpt.get("history", []))
+        same_data = ckpt.get("data_fingerprint") == self.data_fingerprint()
+        if same_data:
+            self.batch_in_epoch = int(ckpt["batch_in_epoch"])
+            self.epoch_stats = dict(ckpt["epoch_stats"])
+            restore_rng_state(ckpt["rng_state"])
+        elif ckpt["batch_in_epoch"]:
+            if self.is_main:
+                print(
+                    f"note: the data or batch settings changed since the checkpoint; starting epoch {self.epoch + 2} afresh"
+                )
+            self.epoch += 1
+        # the schedule is a pure function of the step: put the rate where it belongs for this (new) total
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * lr_factor(
+                self.global_step, self.total_steps, self.cfg.scheduler, self.cfg.warmup_steps
+            )
+
+
+def _new_epoch_stats() -> dict:
+    return {"loss_sum": 0.0, "batches": 0, "grad_norm_sum": 0.0, "steps": 0}
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 700.0)) if math.isfinite(loss) else math.nan
+
+
+# --- glue: from settings to a running Trainer ----------------------------------------------------------------
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1):
+    tokens = tokenize_file(cfg.text_file, tokenizer, cfg.max_tokens)
+    need = min_tokens_needed(cfg.seq_len, cfg.val_fraction)
+    if len(tokens) < need:
+        raise UserError(
+            f"{cfg.text_file} gives {len(tokens)} tokens; at --seq_len {cfg.seq_len} one training and one validation "
+            f"sequence need at least {need} (use more text, a smaller --seq_len, or --max_tokens 0)"
+        )
+    train_tokens, val_tokens = split_tokens(tokens, cfg.val_fraction)
+    train = TokenBatches(
+        train_tokens,
+        cfg.seq_len,
+        cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    val = TokenBatches(
+        val_tokens, cfg.seq_len, cfg.batch_size, shuffle=False, rank=rank, world_size=world_size
+    )
+    return train, val
+
+
+def check_architecture_flags(config: ModelConfig, requested: dict, source: str) -> None:
+    """Flags that name an architecture different from the checkpoint's are an error, not silently ignored."""
+    stored = config.to_dict()
+    clashes = [
+        f"{k}={v} (checkpoint has {stored[k]})"
+        for k, v in requested.items()
+        if v is not None and stored[k] != v
+    ]
+    if clashes:
+        raise UserError(
+            f"{source} was trained with another architecture: {', '.join(clashes)}; drop those flags"
+        )
+
+
+def run_training(cfg: TrainConfig, model_args: dict) -> Trainer:
+    """Builds tokenizer, data, model and Trainer from the settings (resuming if asked) and trains."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    try:
+        out_dir.mkdir(exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out_dir {out_dir}: {e.strerror}") from None
+    tokenizer = Tokenizer.load(cfg.tokenizer)
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
+    if ckpt is not None:
+        model = model_from_checkpoint(ckpt, cfg.resume)
+        check_architecture_flags(model.config, model_args, cfg.resume)
+        if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer.name:
+            raise UserError(
+                f"{cfg.resume} was trained with tokenizer {ckpt['tokenizer']}, not {tokenizer.name}"
+            )
+    else:
+        args = {k: v for k, v in model_args.items() if v is not None}
+        try:
+            model = HierarchicalTransformer(ModelConfig(vocab_size=tokenizer.vocab_size, **args))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if cfg.seq_len > model.config.max_seq_len:
+        raise UserError(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    train_data, val_data = prepare_data(cfg, tokenizer)
+    model.to(device)
+    trainer = Trainer(model, cfg, train_data, val_data, device=device, tokenizer_name=tokenizer.name)
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+        print(
+            f"Resumed from {cfg.resume}: epoch {trainer.epoch}, step {trainer.global_step}, best val loss {trainer.best_loss:.4f}"
+        )
+    n = model.num_parameters()
+    print(
+        f"Model: {n / 1e6:.2f}M parameters ({model.num_parameters(ilt_only=True) / 1e6:.2f}M in {len(model.ilts)} ILTs) | "
+        f"device {device} | precision {trainer.amp_dtype or torch.float32} | "
+        f"{len(train_data.tokens):,} train / {len(val_data.tokens):,} val tokens | "
+        f"{len(train_data)} batches of {cfg.batch_size}x{cfg.seq_len} per epoch"
+    )
+    if trainer.epoch >= cfg.epochs:
+        print(f"Nothing to do: the checkpoint already completed {trainer.epoch} of --epochs {cfg.epochs}")
+        return trainer
+    trainer.fit()
+    return trainer
