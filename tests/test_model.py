@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hilt.model import (
+    ILT_DIM,
+    ILT_DROPOUT,
+    MODULATION_SCALE_END,
+    MODULATION_SCALE_START,
+    N_LAYERS_ILT,
+    NHEAD_ILT,
+    HierarchicalTransformer,
+    InterLayerTransformer,
+    ModelConfig,
+    PositionalEncoding,
+)
+from tests.conftest import tiny_config
+
+
+def test_design_defaults():
+    c = ModelConfig(vocab_size=50260)
+    assert (c.d_model, c.n_layers, c.n_heads, c.d_ff, c.dropout, c.max_seq_len) == (256, 6, 8, 1024, 0.1, 1024)
+    assert (ILT_DIM, NHEAD_ILT, N_LAYERS_ILT, ILT_DROPOUT) == (128, 2, 2, 0.1)
+    assert (MODULATION_SCALE_START, MODULATION_SCALE_END) == (0.01, 0.1)
+    assert (c.ilt_dim, c.nhead_ilt, c.n_layers_ilt, c.ilt_window) == (128, 2, 2, 2)
+
+
+def test_config_is_keyword_only_and_validates():
+    with pytest.raises(TypeError):
+        ModelConfig(50260)  # type: ignore[misc]
+    with pytest.raises(ValueError, match="n_heads"):
+        ModelConfig(vocab_size=10, d_model=30, n_heads=8)
+    with pytest.raises(ValueError, match="ilt_window"):
+        ModelConfig(vocab_size=10, ilt_window=1)
+    with pytest.raises(ValueError, match="dropout"):
+        ModelConfig(vocab_size=10, dropout=1.5)
+    with pytest.raises(ValueError, match="unknown ModelConfig fields: bogus"):
+        ModelConfig.from_dict({"vocab_size": 10, "bogus": 1})
+
+
+def test_logits_shape():
+    model = HierarchicalTransformer(tiny_config())
+    idx = torch.randint(0, 97, (2, 11))
+    assert model(idx, modulation_scale=0.1).shape == (2, 11, 97)
+
+
+def test_ilt_count_and_baseline_has_no_ilt_parameters():
+    with_ilt = HierarchicalTransformer(tiny_config(n_layers=4))
+    assert len(with_ilt.ilts) == 3 and with_ilt.num_parameters(ilt_only=True) > 0
+    plain = HierarchicalTransformer(tiny_config(n_layers=4, n_layers_ilt=0))
+    assert len(plain.ilts) == 0
+    assert not any("ilt" in name for name, _ in plain.named_parameters())
+    assert with_ilt.num_parameters() - plain.num_parameters() == with_ilt.num_parameters(ilt_only=True)
+
+
+@pytest.mark.parametrize("n_layers_ilt", [0, 2])
+def test_causality_future_tokens_never_change_earlier_logits(n_layers_ilt):
+    model = HierarchicalTransformer(tiny_config(n_layers_ilt=n_layers_ilt)).eval()
+    idx = torch.randint(0, 97, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 97
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[0, :10], b[0, :10], atol=1e-6)
+    assert not torch.allclose(a[0, 10:], b[0, 10:])
+
+
+def test_modulation_scale_zero_equals_plain_transformer_with_same_weights():
+    """The ILTs only ever add modulation_scale * modulation: at scale 0 the model is its plain backbone."""
+    model = HierarchicalTransformer(tiny_config()).eval()
+    plain = HierarchicalTransformer(tiny_config(n_layers_ilt=0)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ilts.")})
+    idx = torch.randint(0, 97, (2, 9))
+    assert torch.equal(model(idx, modulation_scale=0.0), plain(idx))
+    assert not torch.allclose(model(idx, modulation_scale=0.1), plain(idx))
+
+
+def test_ilt_layer_mask_current_sees_previous_previous_sees_only_itself():
+    torch.manual_seed(1)
+    ilt = InterLayerTransformer(d_model=8, ilt_dim=8, n_heads=2, n_layers=1, dropout=0.0).eval()
+    prev, cur = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    captured = {}
+    ilt.layers[0].register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
+    ilt([prev, cur])
+    out_a = captured.pop("out")  # (B*T, W=2, E)
+    ilt([prev, cur + 1.0])  # change the current layer only
+    out_b = captured.pop("out")
+    assert torch.equal(out_a[:, 0], out_b[:, 0])  # the previous layer's slot never sees the current one
+    ilt([prev + 1.0, cur])  # change the previous layer only
+    out_c = captured.pop("out")
+    assert not torch.allclose(out_a[:, 1], out_c[:, 1])  # the current layer's slot does see the previous one
+
+
+def test_ilt_never_mixes_positions():
+    ilt = InterLayerTransformer(d_model=8, ilt_dim=8, n_heads=2, n_layers=2, dropout=0.0).eval()
+    prev, cur = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    base = ilt([prev, cur])
+    prev2 = prev.clone()
+    prev2[0, 3] += 5.0
+    moved = ilt([prev2, cur])
+    assert torch.equal(base[0, [0, 1, 2, 4]], moved[0, [0, 1, 2, 4]])
+    assert not torch.allclose(base[0, 3], moved[0, 3])
+
+
+def test_ilt_window_larger_than_two_runs_and_changes_output():
+    idx = torch.randint(0, 97, (1, 7))
+    torch.manual_seed(3)
+    w2 = HierarchicalTransformer(tiny_config(n_layers=4, ilt_window=2)).eval()
+    torch.manual_seed(3)
+    w3 = HierarchicalTransformer(tiny_config(n_layers=4, ilt_window=3)).eval()
+    assert w2.num_parameters() == w3.num_parameters()
+    assert not torch.allclose(w2(idx), w3(idx))
+
+
+def test_weight_tying_is_a_config_value():
+    tied = HierarchicalTransformer(tiny_config())
+    untied = HierarchicalTransformer(tiny_config(tie_weights=False))
+    assert tied.head.weight is tied.embed.weight
+    assert untied.head.weight is not untied.embed.weight
+    assert untied.num_parameters() - tied.num_parameters() == 97 * 32
+
+
+def test_sinusoidal_positions():
+    pe = PositionalEncoding(d_model=8, max_seq_len=16)
+    p = pe(0, 16)
+    assert p.shape == (16, 8)
+    assert torch.allclose(p[5, 0], torch.tensor(math.sin(5.0)))
+    assert torch.allclose(p[5, 1], torch.tensor(math.cos(5.0)))
+    assert torch.equal(pe(3, 2), p[3:5])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        pe(10, 7)
+
+
+def test_plain_model_matches_an_independent_reference_computation():
+    """n_layers_ilt=0 is a standard pre-norm GPT; recompute it from its weights with torch primitives only."""
+    cfg = tiny_config(n_layers_ilt=0, n_layers=2)
+    model = HierarchicalTransformer(cfg).eval()
+    idx = torch.randint(0, 97, (2, 10))
+    W = model.state_dict()
+    T, C, H = 10, cfg.d_model, cfg.n_heads
+    pos = torch.arange(T)[:, None] * torch.exp(torch.arange(0, C, 2) * (-math.log(10000.0) / C))
+    pe = torch.stack([pos.sin(), pos.cos()], dim=-1).flatten(1)  # interleaved sin, cos
+    x = W["embed.weight"][idx] * math.sqrt(C) + pe
+    mask = torch.full((T, T), float("-inf")).triu(1)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        h = F.layer_norm(x, (C,), W[p + "ln1.weight"], W[p + "ln1.bias"])
+        q, k, v = (h @ W[p + "attn.qkv.weight"].T + W[p + "attn.qkv.bias"]).split(C, dim=-1)
+        q, k, v = (t.view(2, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-1, -2) / math.sqrt(C // H) + mask).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(2, T, C)
+        x = x + y @ W[p + "attn.proj.weight"].T + W[p + "attn.proj.bias"]
+        h = F.layer_norm(x, (C,), W[p + "ln2.weight"], W[p + "ln2.bias"])
+        h = F.gelu(h @ W[p + "ff.fc.weight"].T + W[p + "ff.fc.bias"])
+        x = x + h @ W[p + "ff.proj.weight"].T + W[p + "ff.proj.bias"]
+    x = F.layer_norm(x, (C,), W["ln_f.weight"], W["ln_f.bias"])
+    expected = x @ W["embed.weight"].T
+    assert torch.allclose(model(idx), expected, atol=1e-5)
+
+
+def test_default_modulation_scale_is_the_configs_end_value():
+    model = HierarchicalTransformer(tiny_config(modulation_scale_end=0.05)).eval()
+    idx = torch.randint(0, 97, (1, 6))
+    assert torch.equal(model(idx), model(idx, modulation_scale=0.05))
