@@ -50,6 +50,12 @@ class ModelConfig:
     # the curriculum: training ramps modulation_scale from start to end; evaluation and generation use end
     modulation_scale_start: float = MODULATION_SCALE_START
     modulation_scale_end: float = MODULATION_SCALE_END
+    # ILT variants compared in benchmarks/ablation.py; all off = the design's ILT
+    ilt_zero_init: bool = (
+        False  # zero the ILTs' output projection: training starts from an exact plain transformer
+    )
+    ilt_gate: bool = False  # a learned scale per ILT (from modulation_scale_start) replaces the curriculum
+    ilt_embed: bool = False  # each ILT also sees the token embedding, first in its layer window
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -208,10 +214,24 @@ class InterLayerTransformer(nn.Module):
 
     ``modulation_scale`` follows a curriculum during training (small at first, so the ILTs start as a gentle
     perturbation of a plain transformer) and is held at its final value for validation and generation.
+
+    Variants (ModelConfig flags, all off by default): ``ilt_zero_init`` zeroes Linear E→C so the model starts as
+    an exact plain transformer, ``ilt_gate`` replaces modulation_scale by a learned scalar per ILT, and
+    ``ilt_embed`` puts the token embedding first in the window (W + 1 rows).
     """
 
-    def __init__(self, d_model: int, ilt_dim: int, n_heads: int, n_layers: int, dropout: float):
+    def __init__(
+        self,
+        d_model: int,
+        ilt_dim: int,
+        n_heads: int,
+        n_layers: int,
+        dropout: float,
+        gate: float | None = None,
+    ):
         super().__init__()
+        # the ilt_gate variant: a learned scalar that the caller uses instead of modulation_scale
+        self.gate = nn.Parameter(torch.tensor(float(gate))) if gate is not None else None
         self.proj_in = nn.Linear(d_model, ilt_dim)
         self.ln = nn.LayerNorm(ilt_dim)
         self.layers = nn.ModuleList(
@@ -254,7 +274,14 @@ class HierarchicalTransformer(nn.Module):
         # ILT i sits between main layers i and i + 1; none at all for the plain-transformer baseline
         n_ilts = c.n_layers - 1 if c.n_layers_ilt > 0 else 0
         self.ilts = nn.ModuleList(
-            InterLayerTransformer(c.d_model, c.ilt_dim, c.nhead_ilt, c.n_layers_ilt, c.ilt_dropout)
+            InterLayerTransformer(
+                c.d_model,
+                c.ilt_dim,
+                c.nhead_ilt,
+                c.n_layers_ilt,
+                c.ilt_dropout,
+                gate=c.modulation_scale_start if c.ilt_gate else None,
+            )
             for _ in range(n_ilts)
         )
         self.ln_f = nn.LayerNorm(c.d_model)
@@ -266,6 +293,9 @@ class HierarchicalTransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight") and name.startswith("layers."):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layers))
+        if c.ilt_zero_init:  # ReZero / DenseFormer style: every modulation is exactly 0 at step 0
+            for ilt in self.ilts:
+                nn.init.zeros_(ilt.proj_out.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -293,11 +323,15 @@ class HierarchicalTransformer(nn.Module):
         start = cache.length if cache is not None else 0
         # sqrt(d_model) keeps token identity from drowning in the unit-amplitude sinusoids (Vaswani et al.)
         x = self.drop(self.embed(idx) * self.embed_scale + self.pos(start, T))  # (B, T, C)
+        embedded = x  # what the ilt_embed variant puts first in every ILT's window
         window: list[torch.Tensor] = []  # the latest main-layer outputs, oldest first
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i)
             if i > 0 and self.ilts:
-                x = x + modulation_scale * self.ilts[i - 1]([*window, x])
+                ilt = self.ilts[i - 1]
+                seen = [embedded, *window, x] if self.config.ilt_embed else [*window, x]
+                scale = modulation_scale if ilt.gate is None else ilt.gate
+                x = x + scale * ilt(seen)
             window = [*window, x][-(self.config.ilt_window - 1) :]
         if cache is not None:
             cache.advance(T)
