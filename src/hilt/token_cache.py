@@ -1,0 +1,289 @@
+"""The token cache: a corpus is tokenized once into a flat file of ids that later runs memory-map and use at once.
+
+Files in the cache folder (``--cache_dir``; default ``.hilt_cache/`` in the folder that holds the input), for one
+input and one set of reader settings ``<name>-<key>``:
+
+    <name>-<key>.json                metadata (format below); written last, by rename: the commit point
+    <name>-<key>.<build>.tokens      the ids, raw, dtype given in the metadata ("<u2" for GPT-2)
+    <name>-<key>.<build>.docs.npy    int64 offset of every document's first token
+
+``key`` hashes the input's absolute paths, the tokenizer's identity and the reader settings, so another tokenizer
+or separator gets its own cache. The metadata records each file's size, modification time and SHA-256 (computed
+in the tokenizing pass itself). A later run reuses the cache when sizes and times match; a file whose time changed
+but whose size did not is hashed again (a read, no tokenizing) and, if its content is the same, kept. Anything else
+rebuilds. A killed build leaves only a hidden ``.tmp`` file that nothing reads: the ids and document files are
+complete before the metadata that names them replaces the old one.
+
+With ``max_tokens`` > 0 a build stops once it has that many ids (``complete: false``); a later run that needs more
+rebuilds, one that needs fewer reuses any cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hilt.corpus import Corpus, default_cache_dir, file_sha256, resolve_sources, source_kind
+from hilt.encode import default_threads, encode_corpus, piece_encoder, token_dtype, uses_gpt2_pretokenizer
+from hilt.errors import UserError
+from hilt.tokenizer import Tokenizer
+
+CACHE_VERSION = 1
+_STALE_TMP_SECONDS = 600  # a build in progress rewrites its .tmp file constantly; older ones are leftovers
+
+
+@dataclass
+class TokenCache:
+    tokens: np.ndarray  # (n_tokens,) memory-mapped ids
+    doc_starts: np.ndarray  # (n_documents,) int64 offset of each document's first token
+    meta: dict
+    meta_path: Path
+    built: bool  # this call tokenized the input (False: an existing cache was reused)
+
+
+def open_cache(
+    spec: str | Path,
+    tokenizer: Tokenizer,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    doc_separator: str | None = None,
+    text_field: str = "text",
+    max_tokens: int = 0,
+    build: bool = True,
+    progress: bool = True,
+    threads: int | None = None,
+    log: Callable[[str], None] | None = print,
+    **corpus_options,
+) -> TokenCache:
+    """The tokens of ``spec`` (all of them, or at least the first ``max_tokens``) from the cache, tokenizing the
+    input first when no valid cache exists. ``build=False`` only reads (for processes that wait on another)."""
+    log = log or (lambda _: None)
+    files = resolve_sources(spec)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(spec)
+    gpt2_cuts = uses_gpt2_pretokenizer(tokenizer_dir)
+    settings = {
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "dtype": token_dtype(tokenizer.vocab_size).str,
+        "doc_separator": doc_separator or None,
+        "text_field": text_field if any(source_kind(f) != "text" for f in files) else None,
+        "cuts": "gpt2" if gpt2_cuts else "line-start",
+    }
+    identity = json.dumps({"version": CACHE_VERSION, "files": [str(f) for f in files], "settings": settings})
+    stem = files[0].stem if len(files) == 1 else Path(str(spec).rstrip("/")).name
+    base = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', stem)[:40] or 'corpus'}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    meta_path = cache_dir / f"{base}.json"
+
+    meta = _read_meta(meta_path)
+    reason = _stale_reason(meta, meta_path, files, settings, max_tokens)
+    if reason is None:
+        cache = _load(meta, meta_path)
+        log(f"Token cache: {meta['n_tokens']:,} tokens from {meta_path.with_suffix('')} (memory-mapped)")
+        return cache
+    if not build:
+        raise RuntimeError(f"token cache {meta_path} is not ready: {reason}")
+    log(f"Token cache: tokenizing {spec} into {cache_dir} ({reason})")
+    corpus = Corpus(
+        spec, doc_separator=doc_separator, text_field=text_field, gpt2_cuts=gpt2_cuts, **corpus_options
+    )
+    cache = _build(corpus, tokenizer, tokenizer_dir, settings, meta_path, base, max_tokens, threads, progress)
+    m = cache.meta
+    mb = m["source_bytes"] / 1e6
+    log(
+        f"Token cache: {m['n_tokens']:,} tokens, {m['n_documents']:,} document(s) from {mb:,.1f} MB in "
+        f"{m['build_seconds']:.1f} s ({mb / max(m['build_seconds'], 1e-9):.1f} MB/s, {m['encoder']} on "
+        f"{m['threads']} threads)"
+    )
+    return cache
+
+
+# --- checking -----------------------------------------------------------------------------------------------
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _stale_reason(
+    meta: dict | None, meta_path: Path, files: list[Path], settings: dict, max_tokens: int
+) -> str | None:
+    """Why the cache cannot serve this request, or None when it can (cheap checks first, hashing last)."""
+    if meta is None:
+        return "no cache yet"
+    if meta.get("version") != CACHE_VERSION or meta.get("settings") != settings:
+        return "the cache was built by another version or with other settings"
+    recorded = meta.get("sources", [])
+    if [s["path"] for s in recorded] != [str(f) for f in files]:
+        return "the input files changed"
+    touched = []
+    for rec, path in zip(recorded, files, strict=True):
+        st = path.stat()
+        if st.st_size != rec["size"]:
+            return f"{path.name} changed"
+        if st.st_mtime_ns != rec["mtime_ns"]:
+            touched.append((rec, path, st.st_mtime_ns))
+    tokens_path = meta_path.parent / meta["tokens_file"]
+    itemsize = np.dtype(meta["settings"]["dtype"]).itemsize
+    if not tokens_path.is_file() or tokens_path.stat().st_size != meta["n_tokens"] * itemsize:
+        return "the cached ids are missing or truncated"
+    if not (meta_path.parent / meta["docs_file"]).is_file():
+        return "the cached document offsets are missing"
+    if not meta["complete"] and (max_tokens == 0 or meta["n_tokens"] < max_tokens):
+        return f"the cache holds only the first {meta['n_tokens']:,} tokens"
+    for rec, path, mtime_ns in touched:  # same size, new time: the content decides
+        if rec.get("sha256") is None or file_sha256(path) != rec["sha256"]:
+            return f"{path.name} changed"
+        rec["mtime_ns"] = mtime_ns
+    if touched:
+        _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+    return None
+
+
+def _load(meta: dict, meta_path: Path) -> TokenCache:
+    folder = meta_path.parent
+    tokens = np.memmap(
+        folder / meta["tokens_file"],
+        dtype=np.dtype(meta["settings"]["dtype"]),
+        mode="r",
+        shape=(meta["n_tokens"],),
+    )
+    doc_starts = np.load(folder / meta["docs_file"])
+    return TokenCache(tokens, doc_starts, meta, meta_path, built=False)
+
+
+# --- building -----------------------------------------------------------------------------------------------
+
+
+def _build(
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    tokenizer_dir,
+    settings: dict,
+    meta_path: Path,
+    base: str,
+    max_tokens: int,
+    threads: int | None,
+    progress: bool,
+) -> TokenCache:
+    folder = meta_path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create the token cache folder {folder} ({e.strerror}); choose one with --cache_dir"
+        ) from None
+    _remove_leftovers(folder, base)
+    stats = [
+        (path, path.stat()) for path in corpus.files
+    ]  # before reading: a change during the pass shows later
+    encode, encoder_name = piece_encoder(tokenizer, tokenizer_dir)
+    threads = threads or default_threads()
+    dtype = np.dtype(settings["dtype"])
+    build_id = secrets.token_hex(4)
+    tokens_file, docs_file = f"{base}.{build_id}.tokens", f"{base}.{build_id}.docs.npy"
+    tmp = folder / f".{tokens_file}.tmp"
+    try:
+        with open(tmp, "wb") as out:
+            result = encode_corpus(
+                corpus,
+                encode,
+                out.write,
+                eos_id=tokenizer.eos_id,
+                dtype=dtype,
+                max_tokens=max_tokens,
+                threads=threads,
+                progress=progress and corpus.total_bytes >= 16 << 20,
+            )
+            out.flush()
+            os.fsync(out.fileno())
+        # map before the rename: a concurrent build's clean-up may remove this file, the mapping stays valid
+        tokens = np.memmap(tmp, dtype=dtype, mode="r", shape=(result.n_tokens,))
+        os.replace(tmp, folder / tokens_file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    buf = io.BytesIO()
+    np.save(buf, result.doc_starts)
+    _atomic_write(folder / docs_file, buf.getvalue())
+    meta = {
+        "format": "hilt-token-cache",
+        "version": CACHE_VERSION,
+        "settings": settings,
+        "input": corpus.spec,
+        "sources": [
+            {
+                "path": str(path),
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+                "sha256": corpus.digests.get(path),  # None for files a max_tokens build did not finish
+            }
+            for path, st in stats
+        ],
+        "n_tokens": result.n_tokens,
+        "n_documents": len(result.doc_starts),
+        "complete": result.complete,
+        "tokens_file": tokens_file,
+        "docs_file": docs_file,
+        "source_bytes": result.bytes_read,
+        "build_seconds": round(result.seconds, 3),
+        "encoder": encoder_name,
+        "threads": threads,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+    _remove_old_builds(folder, base, meta_path)
+    return TokenCache(tokens, result.doc_starts, meta, meta_path, built=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _remove_leftovers(folder: Path, base: str) -> None:
+    """Temporary files of builds that were killed (old enough that no live build still writes them)."""
+    now = time.time()
+    for tmp in folder.glob(f".{base}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _remove_old_builds(folder: Path, base: str, meta_path: Path) -> None:
+    """Ids and offsets of earlier builds that the metadata no longer names."""
+    meta = _read_meta(meta_path) or {}
+    keep = {meta.get("tokens_file"), meta.get("docs_file")}
+    for path in [*folder.glob(f"{base}.*.tokens"), *folder.glob(f"{base}.*.docs.npy")]:
+        if path.name not in keep:
+            path.unlink(missing_ok=True)

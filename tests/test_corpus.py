@@ -1,0 +1,248 @@
+"""Corpus readers and the piece pipeline: chunked ids equal one-shot ids, documents, formats, bad input."""
+
+import gzip
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+
+from hilt.corpus import Corpus, check_text_head, resolve_sources
+from hilt.encode import piece_encoder, tokenize_corpus
+from hilt.errors import UserError
+from hilt.tokenizer import Tokenizer, gpt2_files_dir
+from tests.conftest import DATA_TXT
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.load()
+
+
+def tricky_text(n: int = 6000, seed: int = 0) -> str:
+    """Everything that makes GPT-2's pre-tokenizer depend on context: runs of blank lines, CRLF, mixed spaces and
+    tabs, unicode whitespace, contractions, digits, emoji, CJK, literal special tokens."""
+    parts = [
+        "Hello world.",
+        "\n",
+        "\n\n",
+        "\n\n\n",
+        " ",
+        "  ",
+        "\t",
+        "\r\n",
+        "It's",
+        " we'll",
+        "日本語",
+        "\u00a0",
+        "\u3000",
+        "\u2028",
+        "🙂",
+        "123",
+        "<EOS>",
+        "x",
+        "naïve",
+        "...",
+        "\x0b",
+        "\x0c",
+        "\x1c",
+        " \n",
+        "\n ",
+        "café",
+        "\ufffd",
+    ]
+    rng = random.Random(seed)
+    return "".join(rng.choice(parts) for _ in range(n))
+
+
+def write(path, text: str):
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+# --- chunked = one-shot -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoder", ["tiktoken", "tokenizers"])
+@pytest.mark.parametrize(("piece_chars", "block_bytes"), [(7, 13), (100, 1000), (64 << 10, 4 << 20)])
+def test_chunked_ids_equal_encoding_the_whole_text_at_once(tmp_path, tok, encoder, piece_chars, block_bytes):
+    text = tricky_text()
+    src = write(tmp_path / "t.txt", text)
+    tokenizer_dir = None if encoder == "tiktoken" else gpt2_files_dir()  # a folder forces the tokenizers path
+    assert piece_encoder(tok, tokenizer_dir)[1] == encoder
+    corpus = Corpus(src, piece_chars=piece_chars, block_bytes=block_bytes)
+    ids = tokenize_corpus(corpus, tok, tokenizer_dir)
+    assert ids.dtype == np.uint16
+    assert ids.tolist() == tok.encode(text)
+
+
+def test_cutting_after_a_newline_would_change_the_ids(tok):
+    # why pieces end *before* line breaks: GPT-2 merges a blank-line run differently at the end of a text
+    text = "one\n\n\ntwo\n"
+    per_line = [i for line in text.splitlines(keepends=True) for i in tok.encode(line)]
+    assert per_line != tok.encode(text)
+
+
+def test_piece_cuts_happen_and_fall_back_to_spaces_in_long_lines(tmp_path, tok):
+    text = " ".join(["word"] * 3000)  # one 15 kB line: only space cuts are possible
+    corpus = Corpus(write(tmp_path / "t.txt", text), piece_chars=50, block_bytes=64)
+    pieces = list(corpus.pieces())
+    assert len(pieces) > 100 and all(p.text.endswith("word") for p in pieces[:-1])
+    assert [p.new_doc for p in pieces].count(True) == 1
+    assert tokenize_corpus(
+        Corpus(tmp_path / "t.txt", piece_chars=50, block_bytes=64), tok
+    ).tolist() == tok.encode(text)
+
+
+def test_tiktoken_agrees_with_the_reference_tokenizer_on_real_text(tok):
+    text = DATA_TXT.read_text(encoding="utf-8")[:300_000]
+    encode, name = piece_encoder(tok)
+    assert name == "tiktoken"
+    assert encode(text).tolist() == tok.encode(text)
+
+
+def test_python_whitespace_covers_unicode_white_space():
+    # the safe-cut proof needs: not whitespace for Python's regex => not whitespace for the tokenizer's regex
+    white_space = [
+        *range(0x9, 0xE),
+        0x20,
+        0x85,
+        0xA0,
+        0x1680,
+        *range(0x2000, 0x200B),
+        0x2028,
+        0x2029,
+        0x202F,
+        0x205F,
+        0x3000,
+    ]
+    assert all(re.match(r"\s", chr(c)) for c in white_space)
+
+
+# --- documents --------------------------------------------------------------------------------------------------
+
+
+def docs_reference(tok, docs: list[str]) -> list[int]:
+    ids: list[int] = []
+    for i, doc in enumerate(docs):
+        ids += ([tok.eos_id] if i else []) + tok.encode(doc)
+    return ids
+
+
+@pytest.mark.parametrize(
+    ("separator", "text", "docs"),
+    [
+        (
+            "blank",
+            "Once upon a time.\nThe end.\n\n\nA second story.\r\n  \r\nThird one.\n",
+            ["Once upon a time.\nThe end.", "A second story.", "Third one."],
+        ),
+        ("line", "first line\n\nsecond line\r\nthird", ["first line", "second line", "third"]),
+        ("<|endoftext|>", "Story one.\n<|endoftext|>\nStory two.<|endoftext|>", ["Story one.", "Story two."]),
+        ("\\n\\n", "a b\n\nc d\n\n\ne f", ["a b", "c d", "e f"]),
+    ],
+)
+def test_separators_put_eos_between_documents(tmp_path, tok, separator, text, docs):
+    src = write(tmp_path / "d.txt", text)
+    for block_bytes in (3, 4 << 20):  # separators cut in two by block ends are still found
+        corpus = Corpus(src, doc_separator=separator, block_bytes=block_bytes, piece_chars=2)
+        assert tokenize_corpus(corpus, tok).tolist() == docs_reference(tok, docs)
+
+
+def test_long_documents_are_cut_into_pieces_without_changing_ids(tmp_path, tok):
+    stories = [tricky_text(800, seed).replace("<|endoftext|>", "") for seed in range(4)]
+    src = write(tmp_path / "s.txt", "\n<|endoftext|>\n".join(stories))
+    corpus = Corpus(src, doc_separator="<|endoftext|>", block_bytes=50, piece_chars=20)
+    expected = docs_reference(tok, [s.strip("\r\n") for s in stories])
+    assert tokenize_corpus(corpus, tok).tolist() == expected
+
+
+def test_a_folder_reads_its_text_files_in_order_as_documents(tmp_path, tok):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".hilt_cache").mkdir()
+    write(tmp_path / "b.txt", "bee\n")
+    write(tmp_path / "a.txt", "ay\n")
+    write(tmp_path / "sub" / "c.txt", "sea\n")
+    write(tmp_path / "notes.md", "not read")
+    write(tmp_path / ".hilt_cache" / "x.txt", "hidden")
+    assert [p.name for p in resolve_sources(tmp_path)] == ["a.txt", "b.txt", "c.txt"]
+    assert tokenize_corpus(Corpus(tmp_path), tok).tolist() == docs_reference(tok, ["ay\n", "bee\n", "sea\n"])
+    # a glob picks the same way
+    assert [p.name for p in resolve_sources(str(tmp_path / "*.txt"))] == ["a.txt", "b.txt"]
+
+
+def test_jsonl_records_are_documents(tmp_path, tok):
+    records = [
+        {"text": "First story.\n", "id": 1},
+        {"text": "Second\n\nstory."},
+        {"text": "  "},
+        {"text": "Third."},
+    ]
+    src = write(tmp_path / "s.jsonl", "\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert tokenize_corpus(Corpus(src), tok).tolist() == docs_reference(
+        tok, ["First story.", "Second\n\nstory.", "Third."]
+    )
+    other = write(tmp_path / "o.jsonl", json.dumps({"story": "Only one."}) + "\n")
+    assert tokenize_corpus(Corpus(other, text_field="story"), tok).tolist() == tok.encode("Only one.")
+
+
+def test_jsonl_errors_name_the_line(tmp_path, tok):
+    bad = write(tmp_path / "bad.jsonl", '{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl line 2 is not valid JSON"):
+        tokenize_corpus(Corpus(bad), tok)
+    missing = write(tmp_path / "m.jsonl", '{"story": "x", "id": 3}\n')
+    with pytest.raises(
+        UserError, match=r"line 1 has no text field 'text' \(found: id, story\); choose one with --text_field"
+    ):
+        tokenize_corpus(Corpus(missing), tok)
+
+
+def test_parquet_rows_are_documents(tmp_path, tok):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    stories = [f"Story number {i}.\nIt ends here." for i in range(50)] + [None, ""]
+    path = tmp_path / "stories.parquet"
+    pq.write_table(pa.table({"text": stories, "n": list(range(52))}), path, row_group_size=7)
+    assert tokenize_corpus(Corpus(path), tok).tolist() == docs_reference(tok, stories[:50])
+    with pytest.raises(UserError, match=r"has no column 'story' \(columns: text, n\)"):
+        tokenize_corpus(Corpus(path, text_field="story"), tok)
+    with pytest.raises(UserError, match=r"column 'n' holds int64, not text"):
+        tokenize_corpus(Corpus(path, text_field="n"), tok)
+
+
+# --- bad input --------------------------------------------------------------------------------------------------
+
+
+def test_invalid_utf8_bytes_are_counted_exactly_across_block_ends(tmp_path, tok, capsys):
+    # 1 (lone 0xff) + 2 (truncated 3-byte sequence) + 3 (truncated 4-byte sequence) + 2 (overlong 0xc0 0xaf);
+    # the legitimate U+FFFD and é are not errors
+    data = "ok é \ufffd ".encode() + b"\xff a \xe2\x82 b \xf0\x9f\x99 c \xc0\xaf end\n"
+    src = tmp_path / "latin.txt"
+    src.write_bytes(data * 3)
+    for block_bytes in (1, 2, 5, 4 << 20):
+        corpus = Corpus(src, block_bytes=block_bytes, piece_chars=4)
+        ids = tokenize_corpus(corpus, tok)
+        assert corpus.bad_bytes[src.resolve()] == 24
+        assert ids.tolist() == tok.encode((data * 3).decode("utf-8", errors="replace"))
+        assert f"{src.resolve()}: 24 invalid UTF-8 byte(s) replaced with U+FFFD" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("head", "what"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "a PNG image"),
+        (gzip.compress(b"hello world " * 100), "gzip-compressed data; decompress it first"),
+        (b"\xff\xfeh\x00i\x00", "UTF-16 text; convert it to UTF-8"),
+        (b"text with a \x00 NUL", "it contains NUL bytes"),
+        (bytes(range(1, 32)) * 10, "of its first 310 characters are not text"),
+    ],
+)
+def test_binary_files_are_refused(tmp_path, head, what):
+    with pytest.raises(UserError, match=re.escape(what)):
+        check_text_head(tmp_path / "f", head)
+
+
+def test_text_that_starts_like_a_magic_number_is_still_text(tmp_path):
+    check_text_head(tmp_path / "f", b"BZh, said the bee.\n")
+    check_text_head(tmp_path / "f", b"PK is a fine name.\n")
