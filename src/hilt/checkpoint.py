@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +24,15 @@ from hilt.model import HierarchicalTransformer, ModelConfig
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "config", "model_state_dict")
+CHECKPOINT_NAMES = ("best_model.pt", "last_model.pt")
+TMP_SUFFIX = ".tmp"
 
 
 def atomic_save(obj: dict, path: str | Path) -> None:
     """Writes to a temporary file in the same folder, fsyncs it, then renames it over ``path``: a crash at any
     moment leaves either the old complete file or the new complete file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -48,6 +50,13 @@ def atomic_save(obj: dict, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Temporary files left by a save that was killed half-way (the real checkpoints are untouched)."""
+    for name in CHECKPOINT_NAMES:
+        for tmp in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Loads and checks a checkpoint; every failure is a UserError naming the file and the problem."""
     path = Path(path)
@@ -57,15 +66,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(f"checkpoint path is a directory: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"refusing to load {path}: it is not a plain-data checkpoint ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"{path} is not a readable HILT checkpoint (truncated or corrupt?): {e}") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+    except Exception as e:  # torch raises many types for damaged files; all mean the same to a user
+        unsafe = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if unsafe:
+            raise UserError(
+                f"refusing to load {path}: it asks to import {unsafe.group(1)}, and only tensors and plain data "
+                "are allowed (unpickling other objects could run code)"
+            ) from None
         raise UserError(
-            f"{path} is not a HILT checkpoint (missing {', '.join(k for k in REQUIRED_KEYS if k not in (ckpt if isinstance(ckpt, dict) else {}))})"
+            f"{path} is not a readable HILT checkpoint (truncated or corrupt?): {type(e).__name__}"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a HILT checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    if "format_version" not in ckpt and "model_state_dict" in ckpt:
+        # the seed project's checkpoints had no version and no complete config: say so instead of guessing
+        raise UserError(
+            f"{path} is an unversioned (pre-1) checkpoint; this HILT reads format {FORMAT_VERSION} - retrain, "
+            "or load its model_state_dict into a HierarchicalTransformer whose ModelConfig you know"
         )
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a HILT checkpoint (missing {', '.join(missing)})")
     version = ckpt["format_version"]
     if version != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {version}; this HILT reads format {FORMAT_VERSION}")
