@@ -80,16 +80,45 @@ def model_args(args: argparse.Namespace) -> dict:
     return {f: getattr(args, f) for f in fields}
 
 
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """How the input is read and cached (train and prepare share these, so they find the same cache)."""
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--cache_dir",
+        default=None,
+        metavar="DIR",
+        help="folder for the token cache (default: .hilt_cache in the folder that holds the input)",
+    )
+    g.add_argument(
+        "--doc_separator",
+        default=None,
+        metavar="SEP",
+        help="split text files into documents, with <EOS> between them: 'blank' (blank lines), 'line' (each "
+        "line) or a literal string such as '<|endoftext|>' (default: a file is one document; .jsonl/.parquet "
+        "rows always are)",
+    )
+    g.add_argument(
+        "--text_field",
+        default="text",
+        help="the text field of .jsonl records / text column of .parquet files (default text)",
+    )
+
+
 # --- subcommands ---------------------------------------------------------------------------------------------
 
 
 def add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text_file", required=True, help="training text (UTF-8)")
+    p.add_argument(
+        "--text_file",
+        required=True,
+        help="training text: a UTF-8 text file, a folder or glob of .txt/.jsonl/.parquet files, a .jsonl or a "
+        ".parquet file",
+    )
     p.add_argument(
         "--max_tokens",
         type=int,
         default=100_000,
-        help="use the first N tokens; 0 = the whole file (default 100000)",
+        help="use the first N tokens; 0 = all of them (default 100000)",
     )
     p.add_argument("--batch_size", type=int, default=32, help="sequences per batch (default 32)")
     p.add_argument("--seq_len", type=int, default=128, help="tokens per training sequence (default 128)")
@@ -120,7 +149,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
         "--val_fraction",
         type=float,
         default=0.1,
-        help="validation share, held out from the end (default 0.1)",
+        help="validation share, held out from the end, by whole documents when they are known (default 0.1)",
     )
     p.add_argument(
         "--resume", default=None, metavar="PATH", help="continue from a checkpoint up to --epochs in total"
@@ -140,6 +169,14 @@ def add_train(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="a local Hugging Face tokenizer folder (default: shipped GPT-2)",
     )
+    p.add_argument(
+        "--epoch_tokens",
+        type=int,
+        default=0,
+        help="an epoch's token budget for corpora larger than that: the shuffled order then runs on across "
+        "epochs; keep it on --resume (default 0 = one pass over the data per epoch)",
+    )
+    add_data_flags(p)
     add_model_flags(p)
 
 
@@ -166,8 +203,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         resume=args.resume,
         tokenizer=args.tokenizer,
+        cache_dir=args.cache_dir,
+        doc_separator=args.doc_separator,
+        text_field=args.text_field,
+        epoch_tokens=args.epoch_tokens,
     )
     run_training(cfg, model_args(args))
+    return 0
+
+
+def add_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text_file", required=True, help="the input, as for train")
+    p.add_argument(
+        "--max_tokens", type=int, default=0, help="stop after the first N tokens; 0 = all (default 0)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="a local Hugging Face tokenizer folder (default: shipped GPT-2)",
+    )
+    add_data_flags(p)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from hilt.token_cache import open_cache
+    from hilt.tokenizer import Tokenizer
+
+    if args.max_tokens < 0:
+        raise UserError(f"--max_tokens must be >= 0, got {args.max_tokens}")
+    cache = open_cache(
+        args.text_file,
+        Tokenizer.load(args.tokenizer),
+        tokenizer_dir=args.tokenizer,
+        cache_dir=args.cache_dir,
+        doc_separator=args.doc_separator,
+        text_field=args.text_field,
+        max_tokens=args.max_tokens,
+    )
+    print(f"{'Built' if cache.built else 'Up to date'}: {cache.meta_path}")
     return 0
 
 
@@ -202,6 +276,7 @@ def cmd_vocab(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (add_train, cmd_train, "train a model on a text file"),
     "vocab": (add_vocab, cmd_vocab, "print the tokenizer's vocabulary facts"),
+    "prepare": (add_prepare, cmd_prepare, "tokenize an input into the token cache ahead of training"),
 }
 
 

@@ -26,7 +26,7 @@ from hilt.checkpoint import (
     model_from_checkpoint,
     restore_rng_state,
 )
-from hilt.data import TokenBatches, min_tokens_needed, split_tokens, tokenize_file
+from hilt.data import TokenBatches, train_val_tokens
 from hilt.device import autocast_dtype, resolve_device
 from hilt.errors import UserError
 from hilt.metrics import MetricsLog
@@ -62,6 +62,10 @@ class TrainConfig:
     save_every: int = 0  # also write last_model.pt every N optimizer steps (0 = only at epoch ends)
     resume: str | None = None
     tokenizer: str | None = None  # a local Hugging Face tokenizer folder; None = the shipped GPT-2
+    cache_dir: str | None = None  # token cache folder; None = .hilt_cache in the folder that holds the input
+    doc_separator: str | None = None  # "blank", "line" or a literal string between documents; None = file = doc
+    text_field: str = "text"  # the text field of .jsonl records, the text column of .parquet files
+    epoch_tokens: int = 0  # an epoch's token budget when smaller than the corpus; 0 = one pass per epoch
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "epochs", "gradient_accumulation_steps"):
@@ -69,7 +73,7 @@ class TrainConfig:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
-        for name in ("max_tokens", "save_every", "warmup_steps"):
+        for name in ("max_tokens", "save_every", "warmup_steps", "epoch_tokens"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.clip_grad < 0 or self.weight_decay < 0:
@@ -379,14 +383,32 @@ def _ppl(loss: float) -> float:
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_size: int = 1):
-    tokens = tokenize_file(cfg.text_file, tokenizer, cfg.max_tokens)
-    need = min_tokens_needed(cfg.seq_len, cfg.val_fraction)
-    if len(tokens) < need:
-        raise UserError(
-            f"{cfg.text_file} gives {len(tokens)} tokens; at --seq_len {cfg.seq_len} one training and one validation "
-            f"sequence need at least {need} (use more text, a smaller --seq_len, or --max_tokens 0)"
-        )
-    train_tokens, val_tokens = split_tokens(tokens, cfg.val_fraction)
+    """Train and validation batches from the token cache (tokenizing the input on first use)."""
+    train_tokens, val_tokens = train_val_tokens(
+        cfg.text_file,
+        tokenizer,
+        seq_len=cfg.seq_len,
+        val_fraction=cfg.val_fraction,
+        max_tokens=cfg.max_tokens,
+        tokenizer_dir=cfg.tokenizer,
+        cache_dir=cfg.cache_dir,
+        doc_separator=cfg.doc_separator,
+        text_field=cfg.text_field,
+        rank=rank,
+        world_size=world_size,
+    )
+    if cfg.resume:
+        # (epoch, batch in epoch) only names the same data position under the same epoch budget
+        try:
+            ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True, mmap=True)
+            stored = dict(ckpt.get("train_config") or {})
+        except Exception:  # read fully (and checked) by run_training already; no budget to compare then
+            stored = {"epoch_tokens": cfg.epoch_tokens}
+        if stored.get("epoch_tokens", 0) != cfg.epoch_tokens:
+            raise UserError(
+                f"{cfg.resume} was trained with --epoch_tokens {stored.get('epoch_tokens', 0)}; resuming exactly "
+                f"needs the same value (got {cfg.epoch_tokens})"
+            )
     train = TokenBatches(
         train_tokens,
         cfg.seq_len,
@@ -395,6 +417,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_si
         seed=cfg.seed,
         rank=rank,
         world_size=world_size,
+        epoch_tokens=cfg.epoch_tokens,
     )
     val = TokenBatches(
         val_tokens, cfg.seq_len, cfg.batch_size, shuffle=False, rank=rank, world_size=world_size
