@@ -57,6 +57,19 @@ MODEL_FLAGS = {
         float,
         f"curriculum end, used for eval and generation (default {MODULATION_SCALE_END})",
     ),
+    "--ilt_zero_init": (
+        "ilt_zero_init",
+        bool,
+        "ILT variant: zero-initialised output projection, so training starts as an exact plain transformer "
+        "(default off)",
+    ),
+    "--ilt_gate": (
+        "ilt_gate",
+        bool,
+        "ILT variant: a learned scale per ILT, starting at modulation_scale_start, replaces the curriculum "
+        "(default off)",
+    ),
+    "--ilt_embed": ("ilt_embed", bool, "ILT variant: each ILT also sees the token embedding (default off)"),
 }
 
 
@@ -65,7 +78,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         "model (ignored on --resume: the checkpoint's config rules; a contradicting flag is an error)"
     )
     for flag, (field, typ, help_text) in MODEL_FLAGS.items():
-        g.add_argument(flag, dest=field, type=typ, default=None, help=help_text)
+        if typ is bool:  # --flag / --no-flag; None when absent, like every model flag
+            g.add_argument(
+                flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            g.add_argument(flag, dest=field, type=typ, default=None, help=help_text)
     g.add_argument(
         "--tie_weights",
         dest="tie_weights",
@@ -170,6 +188,18 @@ def add_train(p: argparse.ArgumentParser) -> None:
         help="a local Hugging Face tokenizer folder (default: shipped GPT-2)",
     )
     p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log the metrics to TensorBoard in OUT_DIR/tensorboard (needs tensorboard; default off)",
+    )
+    p.add_argument(
+        "--ilt_stats_every",
+        type=int,
+        default=50,
+        help="log ILT statistics (see hilt inspect) every N optimizer steps and at epoch ends; 0 = never "
+        "(default 50)",
+    )
+    p.add_argument(
         "--epoch_tokens",
         type=int,
         default=0,
@@ -203,6 +233,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         resume=args.resume,
         tokenizer=args.tokenizer,
+        tensorboard=args.tensorboard,
+        ilt_stats_every=args.ilt_stats_every,
         cache_dir=args.cache_dir,
         doc_separator=args.doc_separator,
         text_field=args.text_field,
@@ -272,10 +304,110 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_path", required=True, help="checkpoint to evaluate, e.g. runs/x/best_model.pt")
+    p.add_argument(
+        "--text_file", default=None, help="text to score (default with --split: the training file)"
+    )
+    p.add_argument(
+        "--split",
+        choices=["all", "train", "val"],
+        default="all",
+        help="all = the whole file; train/val = the training run's split of it (default all)",
+    )
+    p.add_argument(
+        "--seq_len", type=int, default=None, help="window length (default: the training --seq_len)"
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="tokens between window starts; < seq_len gives each scored token more context (default seq_len)",
+    )
+    p.add_argument(
+        "--batch_size", type=int, default=None, help="windows per forward pass (default: training's)"
+    )
+    p.add_argument(
+        "--max_tokens",
+        type=int,
+        default=None,
+        help="first N tokens of the file; 0 = all (default: all, or training's with --split)",
+    )
+    p.add_argument(
+        "--modulation_scale",
+        type=float,
+        default=None,
+        help="ILT scale (default: the model's modulation_scale_end, as in validation)",
+    )
+    p.add_argument("--no_amp", action="store_true", help="fp32 instead of bf16/fp16 autocast")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hilt.evaluate import run_eval
+
+    run_eval(
+        args.model_path,
+        args.text_file,
+        split=args.split,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        modulation_scale=args.modulation_scale,
+        amp=not args.no_amp,
+        device=args.device,
+    )
+    return 0
+
+
+def add_plot(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="training --out_dir folders (with metrics.jsonl)"
+    )
+    p.add_argument(
+        "--out", default=None, help="PNG to write (default RUN_DIR/metrics.png for one run, else runs.png)"
+    )
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from hilt.plot import run_plot
+
+    run_plot(args.runs, args.out)
+    return 0
+
+
+def add_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_path", required=True, help="checkpoint whose ILTs to inspect")
+    p.add_argument(
+        "--prompt",
+        default="To be, or not to be, that is the question:",
+        help="text to run through the model (default: a line of Hamlet)",
+    )
+    p.add_argument("--out", default="ilt_inspect.png", help="heat-map PNG (default ilt_inspect.png)")
+    p.add_argument(
+        "--modulation_scale",
+        type=float,
+        default=None,
+        help="ILT scale (default: the model's modulation_scale_end)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from hilt.ilt_stats import run_inspect
+
+    run_inspect(args.model_path, args.prompt, args.out, args.device, args.modulation_scale)
+    return 0
+
+
 # name -> (add flags, run, help). Other modules add rows here as the toolkit grows.
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (add_train, cmd_train, "train a model on a text file"),
     "vocab": (add_vocab, cmd_vocab, "print the tokenizer's vocabulary facts"),
+    "eval": (add_eval, cmd_eval, "loss, perplexity and bits per byte of a checkpoint on a text"),
+    "plot": (add_plot, cmd_plot, "draw training curves of one or more runs as a PNG"),
+    "inspect": (add_inspect, cmd_inspect, "print what each ILT does on a prompt and save a heat map"),
     "prepare": (add_prepare, cmd_prepare, "tokenize an input into the token cache ahead of training"),
 }
 

@@ -29,6 +29,7 @@ from hilt.checkpoint import (
 from hilt.data import TokenBatches, train_val_tokens
 from hilt.device import autocast_dtype, resolve_device
 from hilt.errors import UserError
+from hilt.ilt_stats import ilt_stats
 from hilt.metrics import MetricsLog
 from hilt.model import HierarchicalTransformer, ModelConfig
 from hilt.schedule import SCHEDULERS, lr_factor, modulation_scale
@@ -62,6 +63,8 @@ class TrainConfig:
     save_every: int = 0  # also write last_model.pt every N optimizer steps (0 = only at epoch ends)
     resume: str | None = None
     tokenizer: str | None = None  # a local Hugging Face tokenizer folder; None = the shipped GPT-2
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to out_dir/tensorboard
+    ilt_stats_every: int = 50  # log ILT statistics every N optimizer steps and at epoch ends (0 = never)
     cache_dir: str | None = None  # token cache folder; None = .hilt_cache in the folder that holds the input
     doc_separator: str | None = None  # "blank", "line" or a literal string between documents; None = file = doc
     text_field: str = "text"  # the text field of .jsonl records, the text column of .parquet files
@@ -73,7 +76,7 @@ class TrainConfig:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
-        for name in ("max_tokens", "save_every", "warmup_steps", "epoch_tokens"):
+        for name in ("max_tokens", "save_every", "warmup_steps", "ilt_stats_every", "epoch_tokens"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.clip_grad < 0 or self.weight_decay < 0:
@@ -131,7 +134,8 @@ class Trainer:
         self.amp_dtype = autocast_dtype(device, cfg.amp)
         # fp16 needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl") if is_main else None
+        tensorboard_dir = self.out_dir / "tensorboard" if cfg.tensorboard else None
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", tensorboard_dir) if is_main else None
 
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # batches of the current epoch already trained
@@ -208,9 +212,22 @@ class Trainer:
                 grad_norm=grad_norm,
                 modulation_scale=scale,
             )
+            if self.cfg.ilt_stats_every and self.global_step % self.cfg.ilt_stats_every == 0:
+                self.log_ilt_stats(scale)
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def log_ilt_stats(self, scale: float) -> None:
+        """What the ILTs do right now (see hilt.ilt_stats), on the first few validation windows: one forward pass
+        in eval mode, no gradients, no random numbers drawn, so training is unaffected."""
+        batch = next(self.val_data.eval_batches(), None)
+        if not self.model.ilts or batch is None:
+            return
+        stats = ilt_stats(self.model, batch[0][:4].to(self.device), scale)
+        del stats["labels"]
+        epoch = self.epoch + self.batch_in_epoch / max(1, len(self.train_data))
+        self.metrics.write(kind="ilt", step=self.global_step, epoch=epoch, **stats)
 
     # --- evaluation -------------------------------------------------------------------------------------
 
@@ -291,6 +308,10 @@ class Trainer:
         print(f"Train Loss: {train_loss:.4f} | Train Perplexity: {_ppl(train_loss):.2f}")
         print(f"Val Loss: {val_loss:.4f} | Val Perplexity: {_ppl(val_loss):.2f}")
         print(f"Avg Grad Norm: {record['avg_grad_norm']:.4f} | Learning Rate: {record['lr']:.6f}")
+        if self.cfg.ilt_stats_every:
+            c = self.model.config
+            progress = self.epoch / self.cfg.epochs
+            self.log_ilt_stats(modulation_scale(progress, c.modulation_scale_start, c.modulation_scale_end))
         self.metrics.write(kind="epoch", step=self.global_step, **record)
         if improved:
             self.save("best_model.pt", train_loss=train_loss)

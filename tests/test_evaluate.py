@@ -1,0 +1,165 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hilt.cli import main
+from hilt.data import TokenBatches
+from hilt.evaluate import evaluate_tokens, run_eval, sliding_windows
+from hilt.model import HierarchicalTransformer
+from hilt.tokenizer import Tokenizer
+from hilt.train import TrainConfig, Trainer, run_training
+from tests.conftest import DATA_TXT, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: a second OpenMP thread only adds synchronisation (and stalls badly on a busy machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n, seq_len, stride", [(10, 4, 2), (50, 8, 8), (50, 8, 3), (37, 8, 1), (6, 8, 4)])
+def test_sliding_windows_score_every_target_once_with_enough_context(n, seq_len, stride):
+    windows = sliding_windows(n, seq_len, stride)
+    scored = []
+    for start, count in windows:
+        width = min(seq_len, n - 1)
+        targets = list(range(start + width - count + 1, start + width + 1))
+        scored += targets
+        if (
+            start > 0
+        ):  # every later window gives its scored targets seq_len - stride tokens of context or more
+            assert targets[0] - start >= seq_len - stride
+    assert scored == list(range(1, len(scored) + 1))  # each target once, in order, none skipped
+    assert n - 1 - len(scored) < stride  # only a tail shorter than the stride is left out
+
+
+def test_sliding_windows_reject_bad_stride():
+    from hilt.errors import UserError
+
+    with pytest.raises(UserError, match="--stride"):
+        sliding_windows(100, 8, 9)
+    with pytest.raises(UserError, match="at least 2"):
+        sliding_windows(1, 8, 8)
+
+
+def test_stride_one_equals_scoring_each_token_with_its_full_window():
+    model = HierarchicalTransformer(tiny_config()).eval()
+    tokens = np.random.default_rng(0).integers(0, 97, size=30)
+    seq_len = 8
+    got = evaluate_tokens(model, tokens, seq_len=seq_len, stride=1, batch_size=5)
+    # reference: target j predicted from the (up to) seq_len tokens before it, one forward pass each
+    losses = []
+    with torch.no_grad():
+        for j in range(1, len(tokens)):
+            context = torch.from_numpy(tokens[max(0, j - seq_len) : j]).long()[None]
+            logits = model(context)[0, -1]
+            losses.append(F.cross_entropy(logits, torch.tensor(int(tokens[j]))).item())
+    assert got.tokens == len(tokens) - 1
+    assert got.loss == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    assert got.perplexity == pytest.approx(math.exp(got.loss))
+
+
+def test_equals_trainer_validation_loss_on_the_same_windows():
+    torch.manual_seed(0)
+    model = HierarchicalTransformer(tiny_config())
+    tokens = np.random.default_rng(1).integers(0, 97, size=700).astype(np.uint16)
+    train_data = TokenBatches(tokens[:500], 16, 4, seed=0)
+    val_tokens = tokens[500:]
+    cfg = TrainConfig(
+        text_file="unused", batch_size=4, seq_len=16, epochs=1, amp=False, out_dir="/nonexistent"
+    )
+    trainer = Trainer(
+        model,
+        cfg,
+        train_data,
+        TokenBatches(val_tokens, 16, 4, shuffle=False),
+        device=torch.device("cpu"),
+        is_main=False,
+    )
+    for _ in range(3):  # a model that has moved away from its initialisation
+        trainer.train_step(train_data.window_order(0))
+    expected = trainer.evaluate()
+    got = evaluate_tokens(model, val_tokens, seq_len=16, stride=16, batch_size=3)
+    assert got.loss == pytest.approx(expected, abs=1e-5)
+    assert got.tokens == (len(val_tokens) - 1) // 16 * 16
+
+
+def test_bits_per_byte_counts_the_bytes_of_the_scored_text():
+    tokenizer = Tokenizer.load()
+    text = "To be, or not to be: that is the question. Naïve café!"
+    tokens = np.array(tokenizer.encode(text))
+    model = HierarchicalTransformer(tiny_config(vocab_size=tokenizer.vocab_size))
+    got = evaluate_tokens(model, tokens, seq_len=64, tokenizer=tokenizer)
+    first = tokenizer.decode(tokens[:1].tolist())
+    assert got.bytes == len(text.encode()) - len(first.encode())  # every token but the first is a target
+    assert got.bits_per_byte == pytest.approx(got.loss * got.tokens / math.log(2) / got.bytes)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    text = out / "text.txt"
+    text.write_text(DATA_TXT.read_text()[:12_000])
+    cfg = TrainConfig(
+        text_file=str(text),
+        max_tokens=1500,
+        batch_size=8,
+        seq_len=16,
+        epochs=1,
+        amp=False,
+        out_dir=str(out / "r"),
+        ilt_stats_every=0,
+    )
+    arch = dict(d_model=32, n_layers=2, n_heads=4, ilt_dim=16, nhead_ilt=2, max_seq_len=64)
+    torch.manual_seed(0)
+    trainer = run_training(cfg, arch)
+    return out, text, trainer
+
+
+def test_hilt_eval_split_val_reproduces_the_recorded_validation_loss(trained_run, capsys):
+    out, _, trainer = trained_run
+    ckpt = torch.load(out / "r" / "last_model.pt", weights_only=True)
+    result = run_eval(str(out / "r" / "last_model.pt"), split="val", amp=False, device="cpu")
+    assert result.loss == pytest.approx(ckpt["val_loss"], abs=1e-5)
+    assert result.loss == pytest.approx(trainer.last_val_loss, abs=1e-5)
+    printed = capsys.readouterr().out
+    assert (
+        "(val split)" in printed and f"Loss: {ckpt['val_loss']:.4f}" in printed and "Bits per byte" in printed
+    )
+
+
+def test_hilt_eval_cli_any_text_and_user_errors(trained_run, capsys):
+    out, text, _ = trained_run
+    model = str(out / "r" / "last_model.pt")
+    assert (
+        main(
+            [
+                "eval",
+                "--model_path",
+                model,
+                "--text_file",
+                str(text),
+                "--max_tokens",
+                "300",
+                "--stride",
+                "8",
+                "--no_amp",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert "scored" in capsys.readouterr().out
+    assert main(["eval", "--model_path", model, "--text_file", str(text), "--stride", "99"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--stride" in err
+    assert main(["eval", "--model_path", model]) == 2  # neither --text_file nor --split
+    assert "--text_file" in capsys.readouterr().err
+    assert main(["eval", "--model_path", str(out / "missing.pt"), "--text_file", str(text)]) == 2

@@ -1,0 +1,139 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hilt.checkpoint import FORMAT_VERSION, atomic_save
+from hilt.cli import main
+from hilt.data import TokenBatches
+from hilt.errors import UserError
+from hilt.ilt_stats import attention_weights, ilt_stats
+from hilt.model import HierarchicalTransformer
+from hilt.train import TrainConfig, Trainer
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models: a second OpenMP thread only adds synchronisation (and stalls badly on a busy machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_attention_weights_reproduce_the_fused_attention_output():
+    model = HierarchicalTransformer(tiny_config(ilt_window=3)).eval()
+    attn = model.ilts[0].layers[0].attn
+    x = torch.randn(5, 3, 16)  # (N, W, E): five layer sequences of three layers
+    w = attention_weights(attn, x)  # (N, H, W, W)
+    assert w.shape == (5, 2, 3, 3)
+    assert torch.allclose(w.sum(-1), torch.ones(5, 2, 3))
+    assert (w.triu(diagonal=1) == 0).all()  # an older layer never attends to a newer one
+    v = attn.qkv(x).split(16, dim=2)[2].view(5, 3, 2, 8).transpose(1, 2)  # (N, H, W, D)
+    y = (w @ v).transpose(1, 2).reshape(5, 3, 16)
+    assert torch.allclose(attn.proj(y), attn(x), atol=1e-6)
+
+
+def test_ratio_is_linear_in_the_scale_and_layers_are_labelled():
+    model = HierarchicalTransformer(tiny_config(n_layers=4))
+    idx = torch.randint(0, 97, (2, 10))
+    small, large = ilt_stats(model, idx, 0.1), ilt_stats(model, idx, 0.2)
+    # the first ILT's inputs do not depend on the scale, so its ratio doubles exactly
+    assert large["ratio"][0] == pytest.approx(2 * small["ratio"][0], rel=1e-5)
+    assert small["scale"] == [0.1, 0.1, 0.1] and all(r > 0 for r in small["ratio"])
+    assert small["labels"] == [["L1", "L2"], ["L2", "L3"], ["L3", "L4"]]
+    for mats, prev in zip(small["attn"], small["attn_prev"], strict=True):
+        assert len(mats) == 2 and mats[0][0] == [1.0, 0.0]  # the oldest layer can only attend to itself
+        assert prev == pytest.approx(sum(m[1][0] for m in mats) / 2)
+    assert model.training  # restored
+
+
+def test_stats_draw_no_random_numbers():
+    model = HierarchicalTransformer(tiny_config())
+    idx = torch.randint(0, 97, (1, 5))
+    before = torch.get_rng_state()
+    ilt_stats(model, idx)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_zero_init_variant_starts_as_the_exact_plain_transformer():
+    hilt = HierarchicalTransformer(tiny_config(ilt_zero_init=True)).eval()
+    plain = HierarchicalTransformer(tiny_config(n_layers_ilt=0)).eval()
+    plain.load_state_dict({k: v for k, v in hilt.state_dict().items() if not k.startswith("ilts.")})
+    idx = torch.randint(0, 97, (2, 12))
+    assert torch.equal(hilt(idx, 0.5), plain(idx))
+    assert ilt_stats(hilt, idx)["ratio"] == [0.0, 0.0]
+
+
+def test_gate_variant_uses_its_learned_scale_not_the_curriculum():
+    model = HierarchicalTransformer(tiny_config(ilt_gate=True, modulation_scale_start=0.03)).eval()
+    idx = torch.randint(0, 97, (1, 6))
+    assert [n for n, _ in model.named_parameters() if n.endswith("gate")] == ["ilts.0.gate", "ilts.1.gate"]
+    assert ilt_stats(model, idx, 0.5)["scale"] == pytest.approx([0.03, 0.03])
+    assert torch.equal(model(idx, 0.0), model(idx, 1.0))  # the passed scale is ignored
+    with torch.no_grad():
+        model.ilts[1].gate.fill_(0.2)
+    assert ilt_stats(model, idx)["scale"] == pytest.approx([0.03, 0.2])
+
+
+def test_embed_variant_shows_the_embedding_first_in_every_window():
+    model = HierarchicalTransformer(tiny_config(ilt_embed=True))
+    stats = ilt_stats(model, torch.randint(0, 97, (1, 6)))
+    assert stats["labels"] == [["emb", "L1", "L2"], ["emb", "L2", "L3"]]
+    assert all(len(mat) == 3 for mats in stats["attn"] for mat in mats)
+
+
+def test_plain_transformer_has_nothing_to_inspect():
+    with pytest.raises(UserError, match="no ILTs"):
+        ilt_stats(HierarchicalTransformer(tiny_config(n_layers_ilt=0)), torch.zeros(1, 3, dtype=torch.long))
+
+
+def _trainer(tmp_path, every: int) -> Trainer:
+    torch.manual_seed(0)
+    tokens = np.random.default_rng(0).integers(0, 97, size=600).astype(np.uint16)
+    cfg = TrainConfig(
+        text_file="unused", batch_size=4, seq_len=16, epochs=1, amp=False, out_dir=str(tmp_path)
+    )
+    cfg.ilt_stats_every = every
+    model = HierarchicalTransformer(tiny_config(dropout=0.1, ilt_dropout=0.1))
+    train, val = TokenBatches(tokens[:500], 16, 4, seed=0), TokenBatches(tokens[500:], 16, 4, shuffle=False)
+    return Trainer(model, cfg, train, val, device=torch.device("cpu"))
+
+
+def test_trainer_logs_ilt_stats_every_n_steps_without_changing_training(tmp_path):
+    logged = _trainer(tmp_path / "a", every=3)
+    (tmp_path / "a").mkdir()
+    logged.fit()
+    quiet = _trainer(tmp_path / "b", every=0)
+    (tmp_path / "b").mkdir()
+    quiet.fit()
+    a, b = logged.model.state_dict(), quiet.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical weights: the stats drew no random numbers
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    ilt = [r for r in records if r["kind"] == "ilt"]
+    assert [r["step"] for r in ilt] == [3, 6, 7]  # every 3 steps, then at the end of the (7-step) epoch
+    assert len(ilt[0]["ratio"]) == 2 and len(ilt[0]["attn"][0]) == 2 and "labels" not in ilt[0]
+    assert not any(r["kind"] == "ilt" for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").open()))
+
+
+def test_hilt_inspect_prints_and_saves_a_heat_map(tmp_path, capsys):
+    from hilt.tokenizer import Tokenizer
+
+    config = tiny_config(vocab_size=Tokenizer.load().vocab_size)
+    ckpt = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "model_state_dict": HierarchicalTransformer(config).state_dict(),
+    }
+    atomic_save(ckpt, tmp_path / "m.pt")
+    out = tmp_path / "ilt.png"
+    argv = ["inspect", "--model_path", str(tmp_path / "m.pt"), "--prompt", "ROMEO: hello", "--out", str(out)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "ILT 1 (after layer 2, mixes L1, L2)" in printed and "ILT 2" in printed
+    assert "inner layer 2: L3 attends to L2" in printed
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    assert main(["inspect", "--model_path", str(tmp_path / "m.pt"), "--prompt", ""]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
