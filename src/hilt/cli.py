@@ -255,6 +255,7 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="a local Hugging Face tokenizer folder (default: shipped GPT-2)",
     )
+    p.add_argument("--threads", type=int, default=None, help="encoder threads (default: one per core)")
     add_data_flags(p)
 
 
@@ -264,6 +265,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 0:
         raise UserError(f"--max_tokens must be >= 0, got {args.max_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
     cache = open_cache(
         args.text_file,
         Tokenizer.load(args.tokenizer),
@@ -272,6 +275,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         doc_separator=args.doc_separator,
         text_field=args.text_field,
         max_tokens=args.max_tokens,
+        threads=args.threads,
     )
     print(f"{'Built' if cache.built else 'Up to date'}: {cache.meta_path}")
     return 0

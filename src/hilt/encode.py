@@ -9,6 +9,7 @@ written in their original order, so the result is independent of the thread coun
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from hilt.corpus import Corpus
+from hilt.corpus import Corpus, Piece
 from hilt.errors import UserError
 from hilt.tokenizer import Tokenizer, gpt2_files_dir
 
@@ -132,36 +133,45 @@ def encode_corpus(
         leave=False,
         dynamic_ncols=True,
     )
-    pending: deque = deque()
+    pending: deque = deque()  # (pieces, future of their ids), oldest first
 
     def write_oldest() -> None:
         nonlocal n_tokens
-        piece, future = pending.popleft()
-        ids = future.result()
-        if piece.new_doc:
-            if doc_starts:  # <EOS> between documents, so the model learns where one ends
-                write(eos)
-                n_tokens += 1
-            doc_starts.append(n_tokens)
-        write(ids.astype(dtype, copy=False))
-        n_tokens += len(ids)
+        pieces, future = pending.popleft()
+        for piece, ids in zip(pieces, future.result(), strict=True):
+            if piece.new_doc:
+                if doc_starts:  # <EOS> between documents, so the model learns where one ends
+                    write(eos)
+                    n_tokens += 1
+                doc_starts.append(n_tokens)
+            write(ids.astype(dtype, copy=False))
+            n_tokens += len(ids)
 
-    complete = True
+    def encode_all(texts: list[str]) -> list[np.ndarray]:
+        return [encode(t) for t in texts]
+
+    batch: list[Piece] = []
+    batch_chars = 0
     pieces = corpus.pieces()
     with ThreadPoolExecutor(threads, thread_name_prefix="hilt-encode") as pool:
         try:
-            for piece in pieces:
-                pending.append((piece, pool.submit(encode, piece.text)))
+            for piece in itertools.chain(pieces, [None]):
+                if piece is not None:
+                    batch.append(piece)
+                    batch_chars += len(piece.text)
+                # short documents travel together: one task per ~piece_chars keeps the pool's overhead negligible
+                if batch and (piece is None or batch_chars >= corpus.piece_chars):
+                    pending.append((batch, pool.submit(encode_all, [p.text for p in batch])))
+                    batch, batch_chars = [], 0
                 # a short queue keeps every core busy while bounding memory
-                if len(pending) > 2 * threads:
+                while len(pending) > 2 * threads or (piece is None and pending):
                     write_oldest()
+                    if max_tokens and n_tokens >= max_tokens:
+                        break
                 bar.update(corpus.bytes_read - bar.n)
                 if max_tokens and n_tokens >= max_tokens:
-                    complete = False
                     break
-            while pending and not (max_tokens and n_tokens >= max_tokens):
-                write_oldest()
-            complete = complete and not pending
+            complete = not pending and not batch and (piece is None)
         finally:
             for _, future in pending:
                 future.cancel()
