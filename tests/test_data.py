@@ -3,12 +3,15 @@ CLI says about inputs that cannot be training text."""
 
 import gzip
 import json
+import socket
 
 import numpy as np
+import pytest
 import torch
 
 from hilt.cli import main
-from hilt.data import TokenBatches, min_tokens_needed, split_tokens, train_val_tokens
+from hilt.data import TokenBatches, corpus_tokens, min_tokens_needed, split_tokens, train_val_tokens
+from hilt.errors import UserError
 from hilt.tokenizer import Tokenizer
 from tests.conftest import DATA_TXT
 
@@ -124,6 +127,41 @@ def test_min_tokens_needed_gives_both_parts_a_window():
     assert len(train) >= 17 and len(val) >= 17
     train, val = split_tokens(np.arange(need - 1), 0.1)
     assert len(val) < 17
+
+
+def _rank_reads_corpora(rank: int, port: int, paths: list[str], cache_dir: str, results) -> None:
+    torch.distributed.init_process_group(
+        "gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}"
+    )
+    try:
+        for path in paths:
+            try:
+                tokens, _ = corpus_tokens(
+                    path, Tokenizer.load(), cache_dir=cache_dir, rank=rank, world_size=2
+                )
+                results[rank, path] = tokens.tolist()
+            except UserError as e:
+                results[rank, path] = str(e)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_ddp_rank_0_builds_and_every_rank_gets_the_result(tmp_path):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.png"
+    good.write_bytes(DATA_TXT.read_bytes()[:3000])
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nIHDR")  # rank 0's error must reach rank 1, not leave it waiting
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = torch.multiprocessing.Manager().dict()
+    paths = [str(good), str(bad)]
+    torch.multiprocessing.spawn(
+        _rank_reads_corpora, args=(port, paths, str(tmp_path / "cache"), results), nprocs=2
+    )
+    assert results[0, str(good)] == results[1, str(good)] == Tokenizer.load().encode(good.read_text())
+    message = f"{bad.resolve()} looks binary (a PNG image), not UTF-8 text"
+    assert results[0, str(bad)] == results[1, str(bad)] == message
 
 
 # --- the CLI on inputs that are not training text (one clear line, exit 2) ------------------------------------

@@ -93,9 +93,18 @@ def corpus_tokens(
     if not distributed:
         cache = open_cache(text_file, tokenizer, **options)
     else:
+        # rank 0 builds; the others wait for its verdict (an error there must not leave them waiting forever)
+        verdict = [None]
         if rank == 0:
-            cache = open_cache(text_file, tokenizer, **options)
-        torch.distributed.barrier()
+            try:
+                cache = open_cache(text_file, tokenizer, **options)
+            except UserError as e:
+                verdict = [str(e)]
+                torch.distributed.broadcast_object_list(verdict, src=0)
+                raise
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise UserError(verdict[0])
         if rank != 0:
             cache = open_cache(text_file, tokenizer, build=False, log=None, **options)
     tokens, doc_starts = cache.tokens, cache.doc_starts
