@@ -173,6 +173,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
         "--resume", default=None, metavar="PATH", help="continue from a checkpoint up to --epochs in total"
     )
     p.add_argument("--out_dir", default=".", help="where checkpoints and metrics go (default .)")
+    p.add_argument("--overwrite", action="store_true", help="let a fresh run replace checkpoints already in --out_dir")
+    p.add_argument("--patience", type=int, default=0, help="stop after N epochs without a better val loss (default 0 = never)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     p.add_argument(
@@ -232,6 +234,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device,
         save_every=args.save_every,
         resume=args.resume,
+        overwrite=args.overwrite,
+        patience=args.patience,
         tokenizer=args.tokenizer,
         tensorboard=args.tensorboard,
         ilt_stats_every=args.ilt_stats_every,
@@ -430,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][1](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,18 +20,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from hilt import distributed
 from hilt.checkpoint import (
+    CHECKPOINT_NAMES,
     FORMAT_VERSION,
     atomic_save,
     capture_rng_state,
     load_checkpoint,
     model_from_checkpoint,
+    remove_stale_temporaries,
     restore_rng_state,
 )
 from hilt.data import TokenBatches, train_val_tokens
-from hilt.device import autocast_dtype, resolve_device
+from hilt.device import autocast_dtype
+from hilt.distributed import any_rank, mean_over_ranks
 from hilt.errors import UserError
 from hilt.ilt_stats import ilt_stats
 from hilt.metrics import MetricsLog
@@ -38,6 +47,14 @@ from hilt.tokenizer import Tokenizer
 
 class TrainingDiverged(UserError):
     """A non-finite loss or gradient norm: training stops and the last good checkpoints stay as they are."""
+
+
+class TrainingInterrupted(UserError):
+    """SIGINT/SIGTERM: the current step finished and last_model.pt was written; exit status 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 @dataclass(kw_only=True)
@@ -62,13 +79,17 @@ class TrainConfig:
     device: str = "auto"
     save_every: int = 0  # also write last_model.pt every N optimizer steps (0 = only at epoch ends)
     resume: str | None = None
+    patience: int = 0  # stop early after this many epochs without a better validation loss (0 = never)
+    overwrite: bool = False  # allow a fresh run to replace checkpoints already in out_dir
     tokenizer: str | None = None  # a local Hugging Face tokenizer folder; None = the shipped GPT-2
-    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to out_dir/tensorboard
-    ilt_stats_every: int = 50  # log ILT statistics every N optimizer steps and at epoch ends (0 = never)
     cache_dir: str | None = None  # token cache folder; None = .hilt_cache in the folder that holds the input
-    doc_separator: str | None = None  # "blank", "line" or a literal string between documents; None = file = doc
+    doc_separator: str | None = (
+        None  # "blank", "line" or a literal string between documents; None = file = doc
+    )
     text_field: str = "text"  # the text field of .jsonl records, the text column of .parquet files
     epoch_tokens: int = 0  # an epoch's token budget when smaller than the corpus; 0 = one pass per epoch
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to out_dir/tensorboard
+    ilt_stats_every: int = 50  # log ILT statistics every N optimizer steps and at epoch ends (0 = never)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "epochs", "gradient_accumulation_steps"):
@@ -76,7 +97,14 @@ class TrainConfig:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
-        for name in ("max_tokens", "save_every", "warmup_steps", "ilt_stats_every", "epoch_tokens"):
+        for name in (
+            "max_tokens",
+            "save_every",
+            "warmup_steps",
+            "ilt_stats_every",
+            "epoch_tokens",
+            "patience",
+        ):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.clip_grad < 0 or self.weight_decay < 0:
@@ -144,6 +172,8 @@ class Trainer:
         self.last_val_loss = math.nan
         self.epoch_stats = _new_epoch_stats()
         self.history: list[dict] = []
+        self.epochs_without_improvement = 0
+        self.stop_signal: int | None = None  # set by a signal handler; honoured between optimizer steps
 
     # --- one step ---------------------------------------------------------------------------------------
 
@@ -180,7 +210,8 @@ class Trainer:
                 loss = self.loss(self.net, x, y, scale)
                 self.scaler.scale(loss / (last - first)).backward()
             losses.append(loss.detach())
-        step_loss = torch.stack(losses).mean().item()
+        # averaged over ranks: every rank then logs the same number and agrees on a non-finite loss
+        step_loss = mean_over_ranks(torch.stack(losses).mean().item(), self.device)
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
@@ -263,6 +294,9 @@ class Trainer:
                 dynamic_ncols=True,
             )
             while self.batch_in_epoch < len(self.train_data):
+                if self.should_stop():
+                    bar.close()
+                    self.stop()
                 before, t0 = self.batch_in_epoch, time.perf_counter()
                 self.train_step(order)
                 done = self.batch_in_epoch - before
@@ -281,7 +315,38 @@ class Trainer:
                     self.save("last_model.pt")
             bar.close()
             self.end_epoch()
+            # val loss is averaged over ranks, so every rank reaches the same decision here
+            if (
+                self.cfg.patience
+                and self.epochs_without_improvement >= self.cfg.patience
+                and self.epoch < self.cfg.epochs
+            ):
+                if self.is_main:
+                    print(f"Early stop: no validation improvement for {self.cfg.patience} epochs")
+                break
         return self.history
+
+    def request_stop(self, signum: int) -> None:
+        self.stop_signal = signum
+
+    def should_stop(self) -> bool:
+        """True on every rank once any rank got a stop signal (torchrun forwards SIGTERM to all of them)."""
+        stop = any_rank(self.stop_signal is not None, self.device)
+        if stop and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM  # another rank was signalled
+        return stop
+
+    def stop(self) -> None:
+        """Writes last_model.pt at the current step and ends the run with a hint on how to continue."""
+        path = self.out_dir / "last_model.pt"
+        self.save("last_model.pt")
+        name = signal.Signals(self.stop_signal).name
+        raise TrainingInterrupted(
+            f"{name} received: stopped after step {self.global_step} (epoch {self.epoch + 1}, batch "
+            f"{self.batch_in_epoch}/{len(self.train_data)}) and saved {path}; to continue, run the same command "
+            f"with --resume {path}",
+            self.stop_signal,
+        )
 
     def end_epoch(self) -> None:
         stats = self.epoch_stats
@@ -302,6 +367,7 @@ class Trainer:
         improved = val_loss < self.best_loss
         if improved:
             self.best_loss = val_loss
+        self.epochs_without_improvement = 0 if improved else self.epochs_without_improvement + 1
         if not self.is_main:
             return
         print(f"\nEpoch {record['epoch']}/{self.cfg.epochs} Summary:")
@@ -339,6 +405,7 @@ class Trainer:
             "epoch_stats": dict(stats),
             "data_fingerprint": self.data_fingerprint(),
             "best_loss": self.best_loss,
+            "epochs_without_improvement": self.epochs_without_improvement,
             "train_loss": train_loss,
             "val_loss": self.last_val_loss,
             "perplexity": _ppl(self.last_val_loss),
@@ -347,7 +414,14 @@ class Trainer:
         }
 
     def save(self, name: str, train_loss: float | None = None) -> None:
-        atomic_save(self.state_dict(train_loss), self.out_dir / name)
+        if not self.is_main:  # one writer: the main process
+            return
+        try:
+            atomic_save(self.state_dict(train_loss), self.out_dir / name)
+        except OSError as e:
+            raise UserError(
+                f"could not write {self.out_dir / name} ({e.strerror or e}); the previous file, if any, is intact"
+            ) from None
 
     def data_fingerprint(self) -> dict:
         d = self.train_data
@@ -372,6 +446,7 @@ class Trainer:
         self.epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt["global_step"])
         self.best_loss = float(ckpt["best_loss"])
+        self.epochs_without_improvement = int(ckpt.get("epochs_without_improvement", 0))
         self.last_val_loss = float(ckpt["val_loss"])
         self.history = list(ckpt.get("history", []))
         same_data = ckpt.get("data_fingerprint") == self.data_fingerprint()
@@ -461,14 +536,21 @@ def check_architecture_flags(config: ModelConfig, requested: dict, source: str) 
 
 
 def run_training(cfg: TrainConfig, model_args: dict) -> Trainer:
-    """Builds tokenizer, data, model and Trainer from the settings (resuming if asked) and trains."""
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    out_dir = Path(cfg.out_dir)
+    """Builds tokenizer, data, model and Trainer from the settings (resuming if asked) and trains. Under
+    torchrun every rank runs this; the model is wrapped in DistributedDataParallel and rank 0 does all output."""
+    dist_info = distributed.setup(cfg.device)
     try:
-        out_dir.mkdir(exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out_dir {out_dir}: {e.strerror}") from None
+        return _run_training(cfg, model_args, dist_info)
+    finally:
+        distributed.teardown()
+
+
+def _run_training(cfg: TrainConfig, model_args: dict, dist_info: distributed.DistInfo) -> Trainer:
+    say = print if dist_info.is_main else (lambda *args, **kwargs: None)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    device = dist_info.device
+    out_dir = Path(cfg.out_dir)
+    check_out_dir(out_dir, resuming=cfg.resume is not None, overwrite=cfg.overwrite)
     tokenizer = Tokenizer.load(cfg.tokenizer)
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
     if ckpt is not None:
@@ -486,23 +568,89 @@ def run_training(cfg: TrainConfig, model_args: dict) -> Trainer:
             raise UserError(str(e)) from None
     if cfg.seq_len > model.config.max_seq_len:
         raise UserError(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
-    train_data, val_data = prepare_data(cfg, tokenizer)
+    train_data, val_data = prepare_data(cfg, tokenizer, dist_info.rank, dist_info.world_size)
+    if dist_info.is_main:
+        out_dir.mkdir(exist_ok=True)  # only now: a run refused above leaves no trace
+        remove_stale_temporaries(out_dir)
     model.to(device)
-    trainer = Trainer(model, cfg, train_data, val_data, device=device, tokenizer_name=tokenizer.name)
+    net = model
+    if dist_info.enabled:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    trainer = Trainer(
+        model,
+        cfg,
+        train_data,
+        val_data,
+        device=device,
+        tokenizer_name=tokenizer.name,
+        net=net,
+        is_main=dist_info.is_main,
+    )
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-        print(
-            f"Resumed from {cfg.resume}: epoch {trainer.epoch}, step {trainer.global_step}, best val loss {trainer.best_loss:.4f}"
+        say(
+            f"Resumed from {cfg.resume}: epoch {trainer.epoch}, step {trainer.global_step}, "
+            f"best val loss {trainer.best_loss:.4f}"
         )
+    if dist_info.rank > 0:
+        # distinct dropout masks per rank (rank 0 keeps the seeded or restored stream)
+        torch.manual_seed(cfg.seed + 1_000_003 * dist_info.rank + trainer.global_step)
     n = model.num_parameters()
-    print(
-        f"Model: {n / 1e6:.2f}M parameters ({model.num_parameters(ilt_only=True) / 1e6:.2f}M in {len(model.ilts)} ILTs) | "
-        f"device {device} | precision {trainer.amp_dtype or torch.float32} | "
+    say(
+        f"Model: {n / 1e6:.2f}M parameters ({model.num_parameters(ilt_only=True) / 1e6:.2f}M in "
+        f"{len(model.ilts)} ILTs) | device {device} | precision {trainer.amp_dtype or torch.float32} | "
         f"{len(train_data.tokens):,} train / {len(val_data.tokens):,} val tokens | "
         f"{len(train_data)} batches of {cfg.batch_size}x{cfg.seq_len} per epoch"
     )
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dist_info.world_size
+    say(
+        f"Effective batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation x "
+        f"{dist_info.world_size} process(es) = {per_step} sequences ({per_step * cfg.seq_len:,} tokens) per step"
+    )
     if trainer.epoch >= cfg.epochs:
-        print(f"Nothing to do: the checkpoint already completed {trainer.epoch} of --epochs {cfg.epochs}")
+        say(f"Nothing to do: the checkpoint already completed {trainer.epoch} of --epochs {cfg.epochs}")
         return trainer
-    trainer.fit()
+    with stop_on_signals(trainer):
+        trainer.fit()
     return trainer
+
+
+def check_out_dir(out_dir: Path, *, resuming: bool, overwrite: bool) -> None:
+    """Fails before any work if checkpoints could not be written, or if a fresh run would replace old ones."""
+    target = out_dir if out_dir.exists() else out_dir.parent
+    if not target.is_dir():
+        raise UserError(f"--out_dir {out_dir}: {target} is not an existing folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UserError(f"--out_dir {out_dir}: {target} is not writable")
+    existing = [n for n in CHECKPOINT_NAMES if (out_dir / n).exists()]
+    if existing and not resuming and not overwrite:
+        raise UserError(
+            f"{out_dir} already holds {' and '.join(existing)}; continue with --resume {out_dir / existing[-1]}, "
+            "start afresh there with --overwrite, or choose another --out_dir"
+        )
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer):
+    """SIGINT/SIGTERM ask the trainer to stop after the current optimizer step (and save); a second SIGINT
+    interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.request_stop(signum)
+        if trainer.is_main:
+            print(
+                f"\n{signal.Signals(signum).name}: finishing the current step, then saving last_model.pt",
+                file=sys.stderr,
+            )
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

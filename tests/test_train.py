@@ -1,0 +1,316 @@
+"""End-to-end training through the CLI, as a user runs it: tiny models on data.txt, CPU."""
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hilt.checkpoint import load_checkpoint
+from hilt.cli import main
+from tests.conftest import DATA_TXT, REPO
+
+TINY = ["--model_dim", "32", "--n_layers", "2", "--n_heads", "2", "--ilt_dim", "16", "--d_ff", "64"]
+
+
+def train(out_dir: Path, *extra: str, text_file: Path = DATA_TXT) -> int:
+    args = [
+        "train",
+        "--text_file",
+        str(text_file),
+        "--out_dir",
+        str(out_dir),
+        "--max_tokens",
+        "2000",
+        "--batch_size",
+        "8",
+        "--seq_len",
+        "16",
+        "--epochs",
+        "2",
+        *TINY,
+        *extra,
+    ]
+    return main(args)
+
+
+@pytest.mark.slow
+def test_tiny_training_lowers_validation_loss_and_writes_checkpoints(tmp_path, capsys):
+    flags = [
+        "--max_tokens",
+        "20000",
+        "--batch_size",
+        "16",
+        "--seq_len",
+        "32",
+        "--epochs",
+        "2",
+        "--lr",
+        "2e-3",
+    ]
+    assert train(tmp_path, *flags) == 0
+    out = capsys.readouterr().out
+    assert "Epoch 1/2 Summary:" in out and "Epoch 2/2 Summary:" in out
+    assert "✓ Saved best model with val loss:" in out
+    for line in ("Train Loss: ", "Val Loss: ", "Avg Grad Norm: "):
+        assert line in out
+    best = load_checkpoint(tmp_path / "best_model.pt")
+    last = load_checkpoint(tmp_path / "last_model.pt")
+    for key in (
+        "epoch",
+        "model_state_dict",
+        "optimizer_state_dict",
+        "scheduler_state_dict",
+        "scaler_state_dict",
+        "best_loss",
+        "train_loss",
+        "val_loss",
+        "perplexity",
+        "config",
+        "global_step",
+        "rng_state",
+    ):
+        assert key in last
+    history = last["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.3  # measured: 8.22 -> 7.47
+    assert last["epoch"] == 2 and last["perplexity"] == pytest.approx(math.exp(last["val_loss"]))
+    assert best["best_loss"] == min(h["val_loss"] for h in history)
+    assert last["config"]["d_model"] == 32 and last["train_config"]["lr"] == 2e-3
+    assert (tmp_path / "metrics.jsonl").read_text().count('"kind": "epoch"') == 2
+
+
+def _weights(path):
+    return load_checkpoint(path)["model_state_dict"]
+
+
+def _assert_same_run(a: Path, b: Path):
+    ca, cb = load_checkpoint(a / "last_model.pt"), load_checkpoint(b / "last_model.pt")
+    assert ca["history"] == cb["history"]  # identical per-epoch losses, grad norms and learning rates
+    for k, v in ca["model_state_dict"].items():
+        assert torch.equal(v, cb["model_state_dict"][k]), k
+    assert ca["global_step"] == cb["global_step"]
+
+
+def _stop_after_first_epoch(monkeypatch):
+    """A user pressing Ctrl-C right after epoch 1: the run saves last_model.pt and exits 130."""
+    from hilt import train as train_module
+
+    original = train_module.Trainer.end_epoch
+
+    def end_epoch_then_interrupt(self):
+        original(self)
+        self.request_stop(signal.SIGINT)
+
+    monkeypatch.setattr(train_module.Trainer, "end_epoch", end_epoch_then_interrupt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", [[], ["--no_amp"]], ids=["default", "fp32"])
+def test_resume_after_an_epoch_is_bit_exact(tmp_path, monkeypatch, precision):
+    assert train(tmp_path / "full", *precision) == 0
+    with monkeypatch.context() as m:
+        _stop_after_first_epoch(m)
+        assert train(tmp_path / "split", *precision) == 128 + signal.SIGINT
+    assert load_checkpoint(tmp_path / "split" / "last_model.pt")["epoch"] == 1
+    assert train(tmp_path / "split", "--resume", str(tmp_path / "split" / "last_model.pt"), *precision) == 0
+    _assert_same_run(tmp_path / "full", tmp_path / "split")
+
+
+@pytest.mark.slow
+def test_resume_from_a_mid_epoch_save_every_checkpoint_is_bit_exact(tmp_path, monkeypatch):
+    cfg = ["--save_every", "3", "--gradient_accumulation_steps", "2"]
+    assert train(tmp_path / "full", *cfg) == 0
+    # a crash before the epoch ends: its mid-epoch last_model.pt is all that is left
+    from hilt import train as train_module
+
+    with monkeypatch.context() as m:
+        m.setattr(
+            train_module.Trainer, "end_epoch", lambda self: (_ for _ in ()).throw(RuntimeError("crash"))
+        )
+        with pytest.raises(RuntimeError, match="crash"):
+            train(tmp_path / "crash", *cfg)
+    mid = load_checkpoint(tmp_path / "crash" / "last_model.pt")
+    assert mid["epoch"] == 0 and mid["batch_in_epoch"] > 0
+    assert train(tmp_path / "crash", *cfg, "--resume", str(tmp_path / "crash" / "last_model.pt")) == 0
+    _assert_same_run(tmp_path / "full", tmp_path / "crash")
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_continues_the_schedule_over_the_new_total(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "1") == 0
+    assert train(tmp_path, "--epochs", "3", "--resume", str(tmp_path / "last_model.pt")) == 0
+    ckpt = load_checkpoint(tmp_path / "last_model.pt")
+    assert ckpt["epoch"] == 3 and [h["epoch"] for h in ckpt["history"]] == [1, 2, 3]
+    assert "Resumed from" in capsys.readouterr().out
+    # cosine ends at 10% of the peak rate at the end of the new total
+    assert ckpt["history"][-1]["lr"] == pytest.approx(5e-4 * 0.1)
+
+
+def test_resume_with_a_contradicting_architecture_flag_is_an_error(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "1") == 0
+    before = (tmp_path / "last_model.pt").read_bytes()
+    code = train(tmp_path, "--resume", str(tmp_path / "last_model.pt"), "--model_dim", "64")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "d_model=64 (checkpoint has 32)" in err and "Traceback" not in err
+    assert (tmp_path / "last_model.pt").read_bytes() == before
+
+
+def test_a_fresh_run_never_replaces_existing_checkpoints_unless_asked(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "1") == 0
+    before = (tmp_path / "best_model.pt").read_bytes()
+    assert train(tmp_path, "--epochs", "1", "--seed", "7") == 2
+    assert "already holds" in capsys.readouterr().err
+    assert (tmp_path / "best_model.pt").read_bytes() == before
+    assert train(tmp_path, "--epochs", "1", "--seed", "7", "--overwrite") == 0
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    from hilt import train as train_module
+
+    assert train(tmp_path, "--epochs", "1") == 0
+    good = (tmp_path / "last_model.pt").read_bytes()
+    original = train_module.Trainer.loss
+
+    def poisoned(self, net, x, y, scale, reduction="mean"):
+        loss = original(self, net, x, y, scale, reduction)
+        return loss * float("nan") if self.global_step >= 14 + 2 and net.training else loss  # 14 steps/epoch
+
+    train_module.Trainer.loss = poisoned
+    try:
+        code = train(tmp_path, "--resume", str(tmp_path / "last_model.pt"), "--save_every", "1")
+    finally:
+        train_module.Trainer.loss = original
+    assert code == 2
+    assert "training diverged at step" in capsys.readouterr().err
+    ckpt = load_checkpoint(tmp_path / "last_model.pt")
+    assert ckpt["global_step"] == 16 and all(
+        torch.isfinite(v).all() for v in ckpt["model_state_dict"].values()
+    )
+    assert (
+        tmp_path / "last_model.pt"
+    ).read_bytes() != good  # the good mid-epoch saves happened, the bad one did not
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch_size", "0"], "--batch_size must be at least 1"),
+        (["--epochs", "-1"], "--epochs must be at least 1"),
+        (["--lr", "0"], "--lr must be positive"),
+        (["--lr=-1e-3"], "--lr must be positive"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
+        (["--seq_len", "2048"], "exceeds the model's max_seq_len 1024"),
+        (["--model_dim", "33"], "divisible by n_heads"),
+        (["--scheduler", "linear"], "invalid choice"),
+        (["--batch_size", "many"], "invalid int value"),
+        (["--resume", "/nonexistent/last_model.pt"], "checkpoint not found"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+    ],
+)
+def test_bad_training_flags_give_one_clear_line(tmp_path, capsys, flags, message):
+    try:
+        code = train(tmp_path / "out", *flags)
+    except SystemExit as e:  # argparse's own checks (types, choices)
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # a refused run leaves no trace
+
+
+def test_missing_out_dir_parent_and_unwritable_out_dir(tmp_path, capsys):
+    assert train(tmp_path / "no" / "such" / "dir") == 2
+    assert "is not an existing folder" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        assert train(locked) == 2
+        assert "not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_resume_from_corrupt_or_foreign_files(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    assert train(tmp_path / "out", "--resume", str(tmp_path / "junk.pt")) == 2
+    assert "not a readable HILT checkpoint" in capsys.readouterr().err
+    torch.save({"state": torch.ones(1)}, tmp_path / "foreign.pt")
+    assert train(tmp_path / "out", "--resume", str(tmp_path / "foreign.pt")) == 2
+    assert "not a HILT checkpoint" in capsys.readouterr().err
+
+
+# --- signals and crashes: real processes -------------------------------------------------------------------
+
+TRAIN_CMD = [
+    sys.executable,
+    str(REPO / "train.py"),
+    "--text_file",
+    str(DATA_TXT),
+    "--max_tokens",
+    "2000",
+    "--batch_size",
+    "4",
+    "--seq_len",
+    "16",
+    *TINY,
+]
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_explains_how_to_resume(tmp_path):
+    proc = subprocess.Popen(
+        [*TRAIN_CMD, "--epochs", "50", "--out_dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(lambda: (tmp_path / "last_model.pt").exists() or proc.poll() is not None, 120)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "--resume" in err and "SIGTERM" in err
+    ckpt = load_checkpoint(tmp_path / "last_model.pt")
+    assert ckpt["epoch"] < 50
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_leaves_a_torn_checkpoint(tmp_path):
+    rng = random.Random(1234)
+    cmd = [*TRAIN_CMD, "--epochs", "3", "--save_every", "1", "--out_dir", str(tmp_path)]
+    kills = 0
+    for _ in range(4):
+        extra = ["--resume", str(tmp_path / "last_model.pt")] if (tmp_path / "last_model.pt").exists() else []
+        proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(4.0, 9.0))  # start-up takes ~3 s; then it saves after every step
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.wait()
+        for ckpt in tmp_path.glob("*.pt"):
+            torch.load(ckpt, weights_only=True)  # every checkpoint present is complete
+    assert kills >= 2
+    final = subprocess.run(
+        [*cmd, "--resume", str(tmp_path / "last_model.pt")], capture_output=True, text=True
+    )
+    assert final.returncode == 0, final.stderr
+    assert load_checkpoint(tmp_path / "last_model.pt")["epoch"] == 3
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _wait_for(condition, timeout):
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError
+        time.sleep(0.1)
