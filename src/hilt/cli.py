@@ -312,6 +312,67 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_path", required=True, help="checkpoint to sample from, e.g. runs/x/best_model.pt")
+    p.add_argument(
+        "--prompt",
+        default="The quick brown",
+        help='text to continue; "" starts from the <BOS> token (default "The quick brown")',
+    )
+    p.add_argument(
+        "--max_len", type=int, default=50, help="new tokens at most; <EOS> stops earlier (default 50)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy argmax (default 1.0)"
+    )
+    p.add_argument(
+        "--top_k", type=int, default=None, help="sample from the k most likely tokens (default: all)"
+    )
+    p.add_argument(
+        "--top_p",
+        type=float,
+        default=None,
+        help="nucleus sampling: the fewest tokens whose probability reaches p, 0 < p <= 1 (default: off)",
+    )
+    p.add_argument(
+        "--use_beam_search",
+        action="store_true",
+        help="beam search instead of sampling (deterministic; ignores --temperature/--top_k/--top_p)",
+    )
+    p.add_argument("--beam_width", type=int, default=5, help="beams kept by --use_beam_search (default 5)")
+    p.add_argument(
+        "--use_cache",
+        action="store_true",
+        help="KV cache: reuse earlier tokens' keys/values; same output, several times faster (default off)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampling seed; same seed + flags = same text (default: random)",
+    )
+    p.add_argument("--num_samples", type=int, default=1, help="independent samples to print (default 1)")
+    p.add_argument(
+        "--stream", action="store_true", help="print text as it is produced (beam search prints when done)"
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--model_dim",
+        type=int,
+        default=None,
+        help="accepted for compatibility; the checkpoint sets the architecture, a different value is an error",
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from hilt.generate import GenerationConfig, run_generation
+
+    run_generation(GenerationConfig(**{f.name: getattr(args, f.name) for f in fields(GenerationConfig)}))
+    return 0
+
+
 def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_path", required=True, help="checkpoint to evaluate, e.g. runs/x/best_model.pt")
     p.add_argument(
@@ -413,6 +474,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (add_train, cmd_train, "train a model on a text file"),
     "vocab": (add_vocab, cmd_vocab, "print the tokenizer's vocabulary facts"),
+    "generate": (add_generate, cmd_generate, "generate text from a checkpoint"),
     "eval": (add_eval, cmd_eval, "loss, perplexity and bits per byte of a checkpoint on a text"),
     "plot": (add_plot, cmd_plot, "draw training curves of one or more runs as a PNG"),
     "inspect": (add_inspect, cmd_inspect, "print what each ILT does on a prompt and save a heat map"),

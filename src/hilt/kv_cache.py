@@ -48,6 +48,14 @@ class KVCache:
 
     def reorder(self, batch_idx: torch.Tensor) -> None:
         """Keep rows ``batch_idx`` (beam search: the beams that survived, possibly repeated)."""
-        if self.k is not None:
+        if self.k is None:
+            return
+        if len(batch_idx) == self.k.size(1):
+            # the usual beam step: move only the filled positions, inside the pre-allocated buffers
+            n = self.length
+            self.k[:, :, :, :n] = self.k[:, batch_idx, :, :n]
+            self.v[:, :, :, :n] = self.v[:, batch_idx, :, :n]
+        else:
+            # the batch size changes (the first beam step fans one prompt out to W beams): new buffers
             self.k = self.k[:, batch_idx]
             self.v = self.v[:, batch_idx]

@@ -1,0 +1,446 @@
+"""Text generation: sampling filters, sampled/greedy decoding (as a token stream or all at once), beam search,
+incremental text streaming, and the glue behind ``hilt generate`` / ``inference.py``.
+
+Every decoder reads the model through one ``_Context``: the next-token logits of a batch of growing sequences,
+taken either from a KV cache (one new token per step) or by recomputing the whole window. Both ways read the
+same window of tokens (``context_start``), so cached and uncached decoding produce the same tokens.
+
+    from hilt.generate import generate
+    out = generate(model, ids, 50, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TextIO
+
+import torch
+import torch.nn.functional as F
+
+from hilt.errors import UserError
+from hilt.kv_cache import KVCache
+from hilt.model import HierarchicalTransformer
+
+# --- sampling filters: pure functions of the logits ----------------------------------------------------------
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keeps exactly the k largest logits of each row (ties broken by topk's order); the rest become -inf."""
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    if k >= logits.size(-1):
+        return logits
+    values, indices = logits.topk(k, dim=-1)  # (B, k)
+    return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keeps the smallest set of most likely tokens whose probability reaches p (always at least
+    the most likely one); the rest become -inf."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    if p >= 1.0:
+        return logits  # the cumulative sum may round to 1 early; p = 1 must keep every token
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # a token is needed while the tokens before it have not yet reached p; the first is always needed
+    drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= p
+    drop_sorted[..., 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). Temperature 0 is greedy (argmax); otherwise temperature, then top-k, then
+    top-p, then one draw from ``generator``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:  # also refuses NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+# --- the context window and the cache ------------------------------------------------------------------------
+
+
+def context_start(length: int, max_seq_len: int) -> int:
+    """Index of the first of ``length`` tokens the model reads when predicting the next one.
+
+    Up to ``max_seq_len`` tokens it reads them all. Past that the window slides, in jumps of a quarter of the
+    context: positions are absolute (added to the embeddings), so a cached key cannot move to a new position and
+    every slide means recomputing the window; jumping rebuilds the cache once every max_seq_len // 4 tokens
+    instead of every token, and the model always sees at least 3/4 of its context.
+    """
+    if length <= max_seq_len:
+        return 0
+    stride = max(1, max_seq_len // 4)
+    return -(-(length - max_seq_len) // stride) * stride  # the smallest multiple of stride that fits
+
+
+class _Context:
+    """Next-token logits of a batch of growing sequences, with or without a KV cache, through the same window."""
+
+    def __init__(self, model: HierarchicalTransformer, use_cache: bool, longest: int):
+        self.model = model
+        self.max_seq_len = model.config.max_seq_len
+        # the cache never holds more than one window, nor more than the sequences will ever be long
+        self.cache = KVCache(model.config.n_layers, min(self.max_seq_len, longest)) if use_cache else None
+        self.start = 0  # the window start the cache's contents were computed for
+
+    def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, n) -> logits of token n + 1 (B, V)."""
+        n = tokens.size(1)
+        start = context_start(n, self.max_seq_len)
+        if self.cache is None:
+            return self.model(tokens[:, start:])[:, -1]
+        if start == self.start and self.start + self.cache.length == n - 1:
+            new = tokens[:, n - 1 :]  # (B, 1): the usual step
+        else:
+            # first call, or the window slid: recompute the window from scratch (prefill)
+            self.cache.reset()
+            self.start, new = start, tokens[:, start:]
+        return self.model(new, cache=self.cache)[:, -1]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """The sequences were replaced by ``tokens[rows]`` (beam search); keep the cache in step."""
+        if self.cache is not None:
+            self.cache.reorder(rows)
+
+
+# --- decoding ------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def stream_tokens(
+    model: HierarchicalTransformer,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    use_cache: bool = True,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yields the next token of every row, (B,), one step at a time, for up to ``max_new_tokens`` steps.
+
+    A row that has produced ``eos_token_id`` keeps yielding it (padding) until every row has; then the stream
+    ends. The model runs in eval mode (restored afterwards) under inference mode; inputs longer than
+    ``config.max_seq_len`` are read through the sliding window of ``context_start``.
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    B, T = input_ids.shape
+    if T < 1:
+        raise ValueError("input_ids needs at least one token (e.g. <BOS>) to start from")
+    # one buffer for the whole run, so a step appends instead of concatenating
+    tokens = input_ids.new_empty(B, T + max_new_tokens)  # (B, T + N)
+    tokens[:, :T] = input_ids
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    context = _Context(model, use_cache, T + max_new_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        for n in range(T, T + max_new_tokens):
+            logits = context.next_logits(tokens[:, :n])  # (B, V)
+            next_ids = sample_next_token(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )  # (B,)
+            if eos_token_id is not None:
+                next_ids = next_ids.masked_fill(done, eos_token_id)
+                done |= next_ids == eos_token_id
+            tokens[:, n] = next_ids
+            yield next_ids
+            if eos_token_id is not None and bool(done.all()):
+                return
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: HierarchicalTransformer,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    use_cache: bool = True,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.LongTensor:
+    """input_ids (B, T) -> (B, T + n): the input followed by n <= max_new_tokens new tokens (fewer when every row
+    has produced ``eos_token_id``; rows that finished early are padded with it). See ``stream_tokens``."""
+    steps = list(
+        stream_tokens(
+            model,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            use_cache=use_cache,
+            eos_token_id=eos_token_id,
+            generator=generator,
+        )
+    )
+    if not steps:
+        return input_ids.clone()
+    return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
+
+
+@torch.inference_mode()
+def beam_search(
+    model: HierarchicalTransformer,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    beam_width: int,
+    use_cache: bool = True,
+    length_penalty: float = 1.0,
+    eos_token_id: int | None = None,
+) -> torch.LongTensor:
+    """input_ids (1, T) -> (1, T + n): the most likely continuation found by beam search.
+
+    Keeps ``beam_width`` sequences; a beam that produces ``eos_token_id`` is finished. Hypotheses are ranked by
+    sum of log-probabilities / (new tokens, <EOS> included) ** length_penalty. The search stops when
+    ``beam_width`` hypotheses have finished and no running beam scores better than the worst of them (the
+    Hugging Face heuristic), or after ``max_new_tokens``. With beam_width 1 it is greedy decoding.
+    """
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+    if input_ids.dim() != 2 or input_ids.size(0) != 1 or input_ids.size(1) < 1:
+        raise ValueError(
+            f"beam_search continues one sequence: input_ids must be (1, T >= 1), got {tuple(input_ids.shape)}"
+        )
+    T = input_ids.size(1)
+    tokens = input_ids.new_empty(beam_width, T + max_new_tokens)  # (W, T + N): row i is beam i
+    tokens[0, :T] = input_ids[0]
+    scores = torch.zeros(1, device=input_ids.device)  # (beams,) summed log-probabilities
+    finished: list[tuple[float, torch.Tensor]] = []  # (ranking score, ids)
+    context = _Context(model, use_cache, T + max_new_tokens)
+    length = T  # of the running beams
+    was_training = model.training
+    model.eval()
+    try:
+        for step in range(max_new_tokens):
+            n, n_beams = T + step, scores.size(0)
+            logprobs = F.log_softmax(context.next_logits(tokens[:n_beams, :n]).float(), dim=-1)  # (beams, V)
+            V = logprobs.size(-1)
+            candidates = (scores[:, None] + logprobs).view(-1)  # (beams·V,)
+            # 2W candidates always hold W that do not end in <EOS> (each beam has one <EOS> continuation)
+            top_scores, top_idx = candidates.topk(min(2 * beam_width, candidates.numel()))
+            sources, next_ids = top_idx // V, top_idx % V
+            keep: list[int] = []
+            for rank, token in enumerate(next_ids.tolist()):
+                if token == eos_token_id:
+                    if rank < beam_width:  # only an <EOS> among the W best finishes a hypothesis
+                        ids = torch.cat([tokens[sources[rank], :n], next_ids[rank : rank + 1]])
+                        finished.append((top_scores[rank].item() / (step + 1) ** length_penalty, ids))
+                elif len(keep) < beam_width:
+                    keep.append(rank)
+            rows = torch.tensor(keep, dtype=torch.long, device=input_ids.device)
+            src = sources[rows]
+            tokens[: len(keep), :n] = tokens[src, :n]
+            tokens[: len(keep), n] = next_ids[rows]
+            scores, length = top_scores[rows], n + 1
+            context.reorder(src)
+            if not keep:
+                break
+            if len(finished) >= beam_width:
+                worst_kept = sorted(s for s, _ in finished)[-beam_width]
+                if scores[0].item() / (step + 1) ** length_penalty < worst_kept:
+                    break
+        penalty = max(length - T, 1) ** length_penalty
+        finished += [(scores[i].item() / penalty, tokens[i, :length]) for i in range(scores.size(0))]
+    finally:
+        model.train(was_training)
+    best = max(finished, key=lambda f: f[0])[1]
+    return best.unsqueeze(0)
+
+
+# --- text streaming ------------------------------------------------------------------------------------------
+
+
+class TextStreamer:
+    """Turns token ids into printable text as they arrive.
+
+    Byte-level BPE can split one character over several tokens, and decoding a token alone may drop or change
+    what depends on its neighbours; so each step decodes a short run of recent ids and emits only the text that
+    a new token added, and only once it no longer ends in U+FFFD (an incomplete UTF-8 sequence). The pieces
+    joined equal decoding all ids at once.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] were emitted and give the decoding context for what follows
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. a character the generation cut in half)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before) :]
+
+
+# --- glue: from settings to printed text ---------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class GenerationConfig:
+    """How to generate (the model comes from the checkpoint). Field names are the CLI's flags."""
+
+    model_path: str
+    prompt: str = "The quick brown"  # "" starts from the <BOS> token
+    max_len: int = 50  # new tokens at most
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    use_beam_search: bool = False
+    beam_width: int = 5
+    use_cache: bool = False
+    seed: int | None = None  # None = a fresh random seed
+    num_samples: int = 1
+    stream: bool = False
+    device: str = "auto"
+    model_dim: int | None = None  # accepted for compatibility; must match the checkpoint
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        for name in ("top_k", "beam_width", "max_len", "num_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} must be >= 1, got {value}")
+        if self.use_beam_search and self.num_samples > 1:
+            raise UserError("--num_samples needs sampling; beam search gives one deterministic result")
+
+
+def load_for_generation(cfg: GenerationConfig, device: torch.device):
+    """Model (eval mode, on ``device``) and the tokenizer it was trained with, from ``cfg.model_path``."""
+    from hilt.checkpoint import load_checkpoint, model_from_checkpoint
+    from hilt.tokenizer import Tokenizer
+
+    ckpt = load_checkpoint(cfg.model_path)
+    model = model_from_checkpoint(ckpt, cfg.model_path)
+    if cfg.model_dim is not None and cfg.model_dim != model.config.d_model:
+        raise UserError(
+            f"--model_dim {cfg.model_dim} contradicts {cfg.model_path} (d_model {model.config.d_model}); "
+            "the architecture comes from the checkpoint, so drop the flag"
+        )
+    train_config = ckpt.get("train_config") or {}
+    tokenizer = Tokenizer.load(train_config.get("tokenizer"))
+    if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer.name:
+        raise UserError(
+            f"{cfg.model_path} was trained with tokenizer {ckpt['tokenizer']}, not {tokenizer.name}"
+        )
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise UserError(
+            f"{cfg.model_path} has a vocabulary of {model.config.vocab_size} ids; its tokenizer has "
+            f"{tokenizer.vocab_size}"
+        )
+    return model.to(device).eval(), tokenizer
+
+
+def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str]:
+    """Loads the checkpoint, generates ``cfg.num_samples`` continuations of the prompt, prints each (prompt +
+    continuation) to ``out`` (default: stdout) and returns the continuations."""
+    out = out or sys.stdout
+    from hilt.device import resolve_device
+
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_for_generation(cfg, device)
+    ids = tokenizer.encode(cfg.prompt) or [tokenizer.bos_id]  # an empty prompt starts from <BOS>
+    context = model.config.max_seq_len
+    if len(ids) > context:
+        print(
+            f"warning: the prompt is {len(ids)} tokens, longer than the model's context of {context}; "
+            f"keeping its last {context}",
+            file=sys.stderr,
+        )
+        ids = ids[-context:]
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    generator = torch.Generator(device=device)
+    if cfg.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(cfg.seed)
+
+    texts = []
+    for i in range(cfg.num_samples):
+        if cfg.num_samples > 1:
+            print(f"--- sample {i + 1}/{cfg.num_samples} ---", file=out)
+        print(cfg.prompt, end="", file=out, flush=True)
+        if cfg.use_beam_search:
+            new = beam_search(
+                model,
+                input_ids,
+                cfg.max_len,
+                beam_width=cfg.beam_width,
+                use_cache=cfg.use_cache,
+                eos_token_id=tokenizer.eos_id,
+            )[0, len(ids) :].tolist()
+            pieces = [tokenizer.decode([t for t in new if t != tokenizer.eos_id])]
+        else:
+            # samples run one after another with one generator, so --stream never changes the text
+            streamer = TextStreamer(tokenizer)
+            pieces = []
+            steps = stream_tokens(
+                model,
+                input_ids,
+                cfg.max_len,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                top_p=cfg.top_p,
+                use_cache=cfg.use_cache,
+                eos_token_id=tokenizer.eos_id,
+                generator=generator,
+            )
+            for token in steps:
+                if token.item() == tokenizer.eos_id:
+                    break
+                pieces.append(streamer.push(token.item()))
+                if cfg.stream and pieces[-1]:
+                    print(pieces[-1], end="", file=out, flush=True)
+            pieces.append(streamer.flush())
+        text = "".join(pieces)
+        print(pieces[-1] if cfg.stream and not cfg.use_beam_search else text, file=out, flush=True)
+        texts.append(text)
+    return texts

@@ -1,0 +1,342 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hilt.checkpoint import FORMAT_VERSION, atomic_save
+from hilt.cli import main
+from hilt.generate import (
+    TextStreamer,
+    beam_search,
+    context_start,
+    generate,
+    sample_next_token,
+    stream_tokens,
+    top_k_filter,
+    top_p_filter,
+)
+from hilt.kv_cache import KVCache
+from hilt.model import HierarchicalTransformer
+from hilt.tokenizer import Tokenizer
+from tests.conftest import REPO, tiny_config
+
+
+def tiny_model(**overrides) -> HierarchicalTransformer:
+    # a strong modulation (1.0 instead of 0.1) and a 3-layer ILT window make a wrong cached ILT path show
+    values = dict(modulation_scale_end=1.0, ilt_window=3)
+    values.update(overrides)
+    return HierarchicalTransformer(tiny_config(**values)).eval()
+
+
+def greedy(model, ids, n, **kw):
+    return generate(model, ids, n, temperature=0.0, **kw)
+
+
+# --- sampling filters ----------------------------------------------------------------------------------------
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(4, 97)
+    assert torch.equal(sample_next_token(logits, temperature=0.0), logits.argmax(-1))
+
+
+def test_top_k_keeps_exactly_k_even_with_ties():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0, 2.0]])
+    kept = top_k_filter(logits, 2).isfinite()
+    assert kept.sum() == 2 and kept[0, [1, 2, 3]].sum() == 2
+    assert top_k_filter(logits, 4).isfinite().sum() == 4
+    draws = torch.stack(
+        [sample_next_token(logits, top_k=2, generator=torch.Generator().manual_seed(s)) for s in range(50)]
+    )
+    assert set(draws.flatten().tolist()) <= set(kept[0].nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize(
+    "p, kept",
+    [
+        (0.01, [0]),
+        (0.5, [0]),
+        (0.51, [0, 1]),
+        (0.8, [0, 1]),
+        (0.81, [0, 1, 2]),
+        (0.99, [0, 1, 2, 3]),
+        (1.0, [0, 1, 2, 3]),
+    ],
+)
+def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])  # sorted: 0.5 (id 1), 0.3 (3), 0.15 (0), 0.05 (2)
+    order = [1, 3, 0, 2]
+    filtered = top_p_filter(probs.log(), p)
+    assert sorted(filtered[0].isfinite().nonzero().flatten().tolist()) == sorted(order[i] for i in kept)
+    # the kept tokens keep their logits, so their relative probabilities are unchanged
+    assert torch.allclose(filtered[0, order[0]], probs.log()[0, order[0]])
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    logits = torch.randn(3, 97)
+    a = [sample_next_token(logits, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(5))]
+    b = [sample_next_token(logits, temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(5))]
+    assert torch.equal(a[0], b[0])
+
+
+# --- the KV cache is exact -----------------------------------------------------------------------------------
+
+
+def test_cached_logits_of_every_step_equal_a_full_recomputation():
+    model = tiny_model()
+    seq = torch.randint(0, 97, (2, 40))
+    cache = KVCache(model.config.n_layers, 64)
+    with torch.inference_mode():
+        full = model(seq)  # (2, 40, V)
+        steps = [model(seq[:, :5], cache=cache)]  # prefill
+        steps.append(
+            model(seq[:, 5:9], cache=cache)
+        )  # several new tokens after cached ones (bottom-right mask)
+        steps += [model(seq[:, t : t + 1], cache=cache) for t in range(9, 40)]  # one at a time
+    assert cache.length == 40
+    assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
+    # the ILTs matter here, so equality above includes the modulated path
+    with torch.inference_mode():
+        assert (model(seq, modulation_scale=0.0) - full).abs().max() > 1e-2
+
+
+def test_cached_keys_and_values_come_from_the_modulated_hidden_states():
+    model = tiny_model()
+    seq = torch.randint(0, 97, (1, 12))
+    captured = []
+    hooks = [
+        layer.attn.qkv.register_forward_hook(lambda m, i, o: captured.append(o)) for layer in model.layers
+    ]
+    with torch.inference_mode():
+        model(seq)  # full path: layer i's qkv reads layer i-1's modulated output
+        for h in hooks:
+            h.remove()
+        cache = KVCache(model.config.n_layers, 16)
+        for t in range(12):
+            model(seq[:, t : t + 1], cache=cache)
+    C, H = model.config.d_model, model.config.n_heads
+    for i, qkv in enumerate(captured):
+        k = qkv[..., C : 2 * C].view(1, 12, H, C // H).transpose(1, 2)  # (B, H, T, D)
+        v = qkv[..., 2 * C :].view(1, 12, H, C // H).transpose(1, 2)
+        assert (cache.k[i, :, :, :12] - k).abs().max() < 1e-5
+        assert (cache.v[i, :, :, :12] - v).abs().max() < 1e-5
+
+
+def test_greedy_200_tokens_identical_with_and_without_cache_across_the_sliding_window():
+    model = tiny_model(max_seq_len=48)  # 200 new tokens slide the window several times
+    ids = torch.randint(0, 97, (1, 7))
+    cached, uncached = greedy(model, ids, 200, use_cache=True), greedy(model, ids, 200, use_cache=False)
+    assert cached.shape == (1, 207)
+    assert torch.equal(cached, uncached)
+
+
+def test_beam_search_identical_with_and_without_cache():
+    model = tiny_model(max_seq_len=32)
+    ids = torch.randint(0, 97, (1, 5))
+    a = beam_search(model, ids, 60, beam_width=4, use_cache=True)
+    b = beam_search(model, ids, 60, beam_width=4, use_cache=False)
+    assert a.shape == (1, 65) and torch.equal(a, b)
+
+
+def test_beam_width_one_equals_greedy_including_the_stop_at_eos():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (1, 5))
+    g = greedy(model, ids, 30)
+    assert torch.equal(beam_search(model, ids, 30, beam_width=1), g)
+    eos = g[0, 5 + 12].item()  # a token greedy produces: both must stop right after its first occurrence
+    g_eos = greedy(model, ids, 30, eos_token_id=eos)
+    assert g_eos[0, -1] == eos and (g_eos[0, 5:] == eos).sum() == 1
+    assert torch.equal(beam_search(model, ids, 30, beam_width=1, eos_token_id=eos), g_eos)
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (1, 4))
+
+    def logprob(seq):
+        with torch.inference_mode():
+            lp = model(seq[:, :-1]).log_softmax(-1)[0, 3:]
+        return lp.gather(-1, seq[0, 4:, None]).sum().item()
+
+    assert (
+        logprob(beam_search(model, ids, 8, beam_width=5, length_penalty=0.0))
+        >= logprob(greedy(model, ids, 8)) - 1e-5
+    )
+
+
+# --- the decoding loop ---------------------------------------------------------------------------------------
+
+
+def test_context_start_slides_by_quarters_and_never_exceeds_the_context():
+    assert [context_start(n, 64) for n in (1, 64, 65, 80, 81, 200)] == [0, 0, 16, 16, 32, 144]
+    assert all(n - context_start(n, 64) <= 64 for n in range(1, 500))
+    assert all(n - context_start(n, 1) == 1 for n in range(1, 10))
+
+
+def test_eos_stops_each_row_and_pads_rows_that_finished():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (3, 4))
+    free = greedy(model, ids, 20)
+    eos = free[1, 4 + 2].item()  # row 1 produces it at step 3
+    out = greedy(model, ids, 20, eos_token_id=eos)
+    ends = []
+    for row in range(3):
+        hits = (free[row, 4:] == eos).nonzero().flatten().tolist()
+        end = 4 + hits[0] + 1 if hits else 24  # through the first <EOS>
+        assert torch.equal(out[row, :end], free[row, :end])
+        assert (out[row, end:] == eos).all()
+        ends.append(end)
+    assert out.size(1) == max(ends)  # stops as soon as every row is done
+
+
+def test_generation_uses_eval_mode_and_restores_training_mode():
+    model = tiny_model(dropout=0.5, ilt_dropout=0.5).train()
+    ids = torch.randint(0, 97, (1, 4))
+    a, b = greedy(model, ids, 20), greedy(model, ids, 20)
+    assert torch.equal(a, b)  # no dropout while generating
+    assert model.training
+
+
+def test_seeded_sampling_repeats_and_the_stream_matches_generate():
+    model = tiny_model()
+    ids = torch.randint(0, 97, (2, 3))
+    kw = dict(temperature=0.9, top_k=20, top_p=0.95)
+    a = generate(model, ids, 30, generator=torch.Generator().manual_seed(1), **kw)
+    b = generate(model, ids, 30, generator=torch.Generator().manual_seed(1), use_cache=False, **kw)
+    steps = list(stream_tokens(model, ids, 30, generator=torch.Generator().manual_seed(1), **kw))
+    assert torch.equal(a, b) and torch.equal(a[:, 3:], torch.stack(steps, dim=1))
+    assert not torch.equal(a, generate(model, ids, 30, generator=torch.Generator().manual_seed(2), **kw))
+
+
+def test_streamed_text_splits_multibyte_characters_correctly():
+    tok = Tokenizer.load()
+    text = "héllo 日本語 🙂 ok"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the test needs tokens that split a character
+    streamer = TextStreamer(tok)
+    pieces = [streamer.push(i) for i in ids] + [streamer.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny untrained model with the real GPT-2 vocabulary, saved like the trainer saves."""
+    torch.manual_seed(0)
+    tok = Tokenizer.load()
+    model = HierarchicalTransformer(tiny_config(vocab_size=tok.vocab_size, n_layers=2, max_seq_len=32))
+    path = tmp_path_factory.mktemp("ckpt") / "best_model.pt"
+    atomic_save(
+        {
+            "format_version": FORMAT_VERSION,
+            "config": model.config.to_dict(),
+            "model_state_dict": model.state_dict(),
+            "tokenizer": tok.name,
+            "train_config": {"tokenizer": None},
+        },
+        path,
+    )
+    return str(path)
+
+
+def run_cli(capsys, *args):
+    code = main(["generate", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_greedy_is_the_same_with_and_without_cache_and_seeds_repeat(checkpoint, capsys):
+    base = ["--model_path", checkpoint, "--prompt", "There was", "--max_len", "40"]
+    _, greedy_plain, _ = run_cli(capsys, *base, "--temperature", "0")
+    _, greedy_cached, _ = run_cli(capsys, *base, "--temperature", "0", "--use_cache")
+    assert greedy_plain == greedy_cached and greedy_plain.startswith("There was")
+    sample = [*base, "--temperature", "0.8", "--top_p", "0.9", "--seed", "7", "--num_samples", "2"]
+    code, first, _ = run_cli(capsys, *sample)
+    _, again, _ = run_cli(capsys, *sample, "--use_cache")
+    _, streamed, _ = run_cli(capsys, *sample, "--stream")
+    _, other_seed, _ = run_cli(
+        capsys, *base, "--temperature", "0.8", "--top_p", "0.9", "--seed", "8", "--num_samples", "2"
+    )
+    assert code == 0 and first == again == streamed != other_seed
+    assert first.count("--- sample ") == 2
+    code, beams, _ = run_cli(capsys, *base, "--use_beam_search", "--beam_width", "3", "--use_cache")
+    assert code == 0 and beams.startswith("There was")
+
+
+def test_cli_empty_prompt_starts_from_bos(checkpoint, capsys):
+    code, out, err = run_cli(
+        capsys, "--model_path", checkpoint, "--prompt", "", "--max_len", "5", "--seed", "0"
+    )
+    assert code == 0 and out.strip() and not err
+
+
+def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(checkpoint, capsys):
+    code, out, err = run_cli(
+        capsys,
+        "--model_path",
+        checkpoint,
+        "--prompt",
+        "word " * 50,
+        "--max_len",
+        "50",
+        "--temperature",
+        "0",
+        "--use_cache",
+    )
+    assert code == 0 and "longer than the model's context of 32" in err and out.startswith("word word")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "-0.5"], "--temperature must be >= 0"),
+        (["--top_p", "0"], "--top_p must be in (0, 1]"),
+        (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+        (["--top_k", "0"], "--top_k must be >= 1"),
+        (["--beam_width", "0", "--use_beam_search"], "--beam_width must be >= 1"),
+        (["--max_len", "0"], "--max_len must be >= 1"),
+        (["--model_dim", "128"], "--model_dim 128 contradicts"),
+    ],
+)
+def test_cli_bad_flags_are_one_clear_line(checkpoint, capsys, flags, message):
+    code, out, err = run_cli(capsys, "--model_path", checkpoint, *flags)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err and not out
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "corrupt"])
+def test_cli_bad_checkpoints_are_one_clear_line(checkpoint, tmp_path, capsys, damage):
+    path = tmp_path / "model.pt"
+    data = open(checkpoint, "rb").read()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "corrupt":
+        path.write_bytes(b"not a checkpoint at all" * 100)
+    code, out, err = run_cli(capsys, "--model_path", str(path))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and not out
+
+
+def test_inference_script_runs_the_generate_command(checkpoint):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "inference.py"),
+            "--model_path",
+            checkpoint,
+            "--prompt",
+            "Hi",
+            "--max_len",
+            "3",
+            "--temperature",
+            "0",
+            "--use_cache",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hi")
