@@ -130,11 +130,16 @@ class PositionalEncoding(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention through torch's fused SDPA kernel, with an optional KV cache."""
+    """Causal multi-head self-attention through torch's fused SDPA kernel, with an optional KV cache.
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    ``short=True`` is for sequences of a handful of positions (an ILT's window of layers): there, two small
+    batched matmuls and a softmax beat SDPA's per-problem overhead (benchmarks/bench.py measures the ILT cost).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float, short: bool = False):
         super().__init__()
         self.n_heads = n_heads
+        self.short = short
         self.qkv = nn.Linear(d_model, 3 * d_model)  # one fused projection for q, k and v
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = dropout
@@ -146,6 +151,10 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (
             t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v)
         )  # (B, H, T, D)
+        if self.short and cache is None:
+            weights = F.dropout(self.causal_weights(q, k), self.dropout, self.training)  # (B, H, T, T)
+            y = (weights @ v).transpose(1, 2).reshape(B, T, C)
+            return self.resid_dropout(self.proj(y))
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, H, S, D): everything seen so far
         S = k.size(2)
@@ -161,6 +170,14 @@ class MultiHeadAttention(nn.Module):
         )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    @staticmethod
+    def causal_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The causal softmax attention weights (B, H, T, T) of queries/keys (B, H, T, D); rows are queries."""
+        T = q.size(-2)
+        scores = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -180,10 +197,10 @@ class TransformerLayer(nn.Module):
     """Pre-norm transformer layer: x + attn(ln(x)), then x + ff(ln(x)). Causal over the sequence axis,
     which for an ILT is the axis of layers."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, short: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model, n_heads, dropout)
+        self.attn = MultiHeadAttention(d_model, n_heads, dropout, short)
         self.ln2 = nn.LayerNorm(d_model)
         self.ff = FeedForward(d_model, d_ff, dropout)
 
@@ -235,7 +252,7 @@ class InterLayerTransformer(nn.Module):
         self.proj_in = nn.Linear(d_model, ilt_dim)
         self.ln = nn.LayerNorm(ilt_dim)
         self.layers = nn.ModuleList(
-            TransformerLayer(ilt_dim, n_heads, 4 * ilt_dim, dropout) for _ in range(n_layers)
+            TransformerLayer(ilt_dim, n_heads, 4 * ilt_dim, dropout, short=True) for _ in range(n_layers)
         )
         self.dropout = nn.Dropout(dropout)
         self.proj_out = nn.Linear(ilt_dim, d_model)
@@ -309,7 +326,14 @@ class HierarchicalTransformer(nn.Module):
     def forward(
         self, idx: torch.Tensor, modulation_scale: float | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
-        """Token ids (B, T) in, next-token logits (B, T, V) out.
+        """Token ids (B, T) in, next-token logits (B, T, V) out. See ``features`` for the arguments."""
+        return self.head(self.features(idx, modulation_scale, cache))
+
+    def features(
+        self, idx: torch.Tensor, modulation_scale: float | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Token ids (B, T) in, the final hidden states (B, T, C) out: what the LM head turns into logits (the
+        training loss applies the head itself, in chunks, so the full logits never exist at once).
 
         ``modulation_scale`` weighs the ILTs' output; None means the trained model's final value
         (``config.modulation_scale_end``), which is what evaluation and generation use.
@@ -335,7 +359,7 @@ class HierarchicalTransformer(nn.Module):
             window = [*window, x][-(self.config.ilt_window - 1) :]
         if cache is not None:
             cache.advance(T)
-        return self.head(self.ln_f(x))
+        return self.ln_f(x)
 
     def num_parameters(self, ilt_only: bool = False) -> int:
         params = self.ilts.parameters() if ilt_only else self.parameters()

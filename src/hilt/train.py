@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -39,6 +38,7 @@ from hilt.device import autocast_dtype
 from hilt.distributed import any_rank, mean_over_ranks
 from hilt.errors import UserError
 from hilt.ilt_stats import ilt_stats
+from hilt.loss import LanguageModelLoss
 from hilt.metrics import MetricsLog
 from hilt.model import HierarchicalTransformer, ModelConfig
 from hilt.schedule import SCHEDULERS, lr_factor, modulation_scale
@@ -126,7 +126,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 class Trainer:
     """Trains ``model`` on ``train_data``, validating on ``val_data`` after every epoch.
 
-    ``net`` is what the forward pass goes through: the model itself, or a DistributedDataParallel wrapper of it.
+    ``net`` is what training steps go through: by default a ``LanguageModelLoss`` of the model; under torchrun a
+    DistributedDataParallel wrapper of one.
     Only the main process (``is_main``) prints, logs and writes checkpoints.
     """
 
@@ -143,7 +144,8 @@ class Trainer:
         is_main: bool = True,
     ):
         self.model = model
-        self.net = net if net is not None else model
+        self.criterion = LanguageModelLoss(model)
+        self.net = net if net is not None else self.criterion
         self.cfg = cfg
         self.train_data = train_data
         self.val_data = val_data
@@ -183,9 +185,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, scale: float, reduction: str = "mean"):
+        """Next-token loss through ``net``: the LanguageModelLoss, or its DDP wrapper."""
         with self.autocast():
-            logits = net(x.to(self.device), scale)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.to(self.device).flatten(), reduction=reduction)
+            return net(x.to(self.device), y.to(self.device), scale, reduction)
 
     def train_step(self, order: torch.Tensor) -> None:
         """One optimizer step over the next ``gradient_accumulation_steps`` batches of this epoch."""
@@ -269,9 +271,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
         for x, y in self.val_data.eval_batches():
-            total[0] += self.loss(
-                self.model, x, y, self.model.config.modulation_scale_end, reduction="sum"
-            ).double()
+            total[0] += self.loss(self.criterion, x, y, self.model.config.modulation_scale_end, "sum").double()
             total[1] += y.numel()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
@@ -573,9 +573,10 @@ def _run_training(cfg: TrainConfig, model_args: dict, dist_info: distributed.Dis
         out_dir.mkdir(exist_ok=True)  # only now: a run refused above leaves no trace
         remove_stale_temporaries(out_dir)
     model.to(device)
-    net = model
+    net = None
     if dist_info.enabled:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(LanguageModelLoss(model), device_ids=device_ids)
     trainer = Trainer(
         model,
         cfg,

@@ -1,0 +1,83 @@
+"""The training loss: next-token cross-entropy straight from the final hidden states, in chunks of tokens, so the
+(tokens x vocab) logits never exist all at once.
+
+With GPT-2's 50,260-token vocabulary the LM head dominates a small model: at batch 16 x 128 its fp32 logits are
+412 MB, and autograd keeps them, their log-softmax and its gradient alive together. Here each chunk of n tokens
+computes its logits ``h W^T`` (in the autocast dtype), its loss from an fp32 log-sum-exp, and at once the
+gradients ``dh = (softmax - onehot) W`` and ``dW += (softmax - onehot)^T h``; backward then only scales what was
+stored. Same three matmuls as autograd's, one chunk of logits in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hilt.model import HierarchicalTransformer
+
+CHUNK_ELEMENTS = (
+    2**23
+)  # logits per chunk (32 MB in fp32): big enough for efficient matmuls, small for the cache
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Sum over tokens of -log softmax(hidden @ weight^T)[target]; hidden (N, C), weight (V, C), targets (N,)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype: torch.dtype, chunk: int):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        want_grad = any(ctx.needs_input_grad[:2])
+        grad_h = torch.empty_like(h) if want_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, h.size(0), chunk):
+            h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
+            logits = (h_c @ w.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            if want_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(t_c), device=probs.device), t_c] -= 1.0  # d loss / d logits
+                g = probs.to(dtype)
+                grad_h[start : start + chunk] = g @ w
+                grad_w += (g.T @ h_c).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_total).to(ctx.hidden_dtype), grad_w * grad_total, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss of hidden (N, C) under the LM head ``weight`` (V, C); equals
+    ``F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`` computed in the autocast dtype."""
+    chunk = max(1, CHUNK_ELEMENTS // weight.size(0))
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, _compute_dtype(hidden), chunk)
+
+
+class LanguageModelLoss(nn.Module):
+    """The model plus its loss, as one module: what the trainer calls (and what DDP wraps, since DDP only syncs
+    gradients for work done inside a wrapped module's forward)."""
+
+    def __init__(self, model: HierarchicalTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor,
+        modulation_scale: float | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        hidden = self.model.features(idx, modulation_scale)  # (B, T, C)
+        total = chunked_cross_entropy(hidden.flatten(0, 1), self.model.head.weight, targets.flatten())
+        return total / targets.numel() if reduction == "mean" else total

@@ -1,0 +1,46 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hilt import loss as loss_module
+from hilt.loss import LanguageModelLoss, chunked_cross_entropy
+from hilt.model import HierarchicalTransformer
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize(
+    "chunk_elements", [97 * 5, 2**23]
+)  # several chunks (last one short) and a single one
+def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy_in_fp32(monkeypatch, chunk_elements):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", chunk_elements)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    weight = torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (23,))
+    ours = chunked_cross_entropy(hidden, weight, targets)
+    (ours * 0.5).backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ref = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (ref * 0.5).backward()
+    assert torch.allclose(ours, ref, rtol=1e-5)
+    assert torch.allclose(g_h, hidden.grad, atol=1e-5) and torch.allclose(g_w, weight.grad, atol=1e-5)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_bf16_logits():
+    hidden, weight = torch.randn(40, 32), torch.randn(97, 32)
+    targets = torch.randint(0, 97, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = chunked_cross_entropy(hidden, weight, targets)
+        logits = hidden @ weight.T  # bf16 under autocast
+    ref = F.cross_entropy(logits.float(), targets, reduction="sum")
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours, ref, rtol=1e-4)
+
+
+def test_language_model_loss_equals_cross_entropy_of_the_models_logits():
+    model = HierarchicalTransformer(tiny_config()).eval()
+    x, y = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+    expected = F.cross_entropy(model(x, 0.05).flatten(0, 1), y.flatten())
+    assert torch.allclose(LanguageModelLoss(model)(x, y, 0.05), expected, rtol=1e-5)
+    total = LanguageModelLoss(model)(x, y, 0.05, reduction="sum")
+    assert torch.allclose(total, expected * 18, rtol=1e-5)
