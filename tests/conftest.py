@@ -7,6 +7,10 @@ import torch
 
 from hilt.model import ModelConfig
 
+# One intra-op thread: the tests' tiny tensors gain nothing from two, and a second spinning OpenMP thread slows
+# them several-fold whenever anything else runs on the machine.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_TXT = REPO / "data.txt"
 
