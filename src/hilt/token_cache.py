@@ -232,6 +232,7 @@ def _build(
                 "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns,
                 "sha256": corpus.digests.get(path),  # None for files a max_tokens build did not finish
+                "invalid_utf8_bytes": corpus.bad_bytes.get(path, 0),
             }
             for path, st in stats
         ],
