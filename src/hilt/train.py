@@ -79,6 +79,7 @@ class TrainConfig:
     device: str = "auto"
     save_every: int = 0  # also write last_model.pt every N optimizer steps (0 = only at epoch ends)
     resume: str | None = None
+    compile: bool = False  # torch.compile the layers (slow first step; pays off on long runs, mostly in bf16)
     patience: int = 0  # stop early after this many epochs without a better validation loss (0 = never)
     overwrite: bool = False  # allow a fresh run to replace checkpoints already in out_dir
     tokenizer: str | None = None  # a local Hugging Face tokenizer folder; None = the shipped GPT-2
@@ -573,6 +574,10 @@ def _run_training(cfg: TrainConfig, model_args: dict, dist_info: distributed.Dis
         out_dir.mkdir(exist_ok=True)  # only now: a run refused above leaves no trace
         remove_stale_temporaries(out_dir)
     model.to(device)
+    if cfg.compile:
+        # in place, layer by layer: parameter names (and so checkpoints) stay those of the plain model
+        for module in [*model.layers, *model.ilts]:
+            module.compile()
     net = None
     if dist_info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
