@@ -64,8 +64,8 @@ def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
     return path.stat().st_size
 
 
-def run_prepare(args: list[str]) -> tuple[float, float, str]:
-    """Runs `hilt prepare` in a fresh process: (wall seconds, peak RSS in MB, stdout)."""
+def run_prepare(args: list[str]) -> tuple[float, float, float, str]:
+    """Runs `hilt prepare` in a fresh process: (wall seconds, CPU seconds, peak RSS in MB, stdout)."""
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "hilt", "prepare", *args],
@@ -78,7 +78,7 @@ def run_prepare(args: list[str]) -> tuple[float, float, str]:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"hilt prepare failed: {out}")
-    return wall, usage.ru_maxrss / 1024, out
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out
 
 
 def encoder_rate(encode, text: str) -> float:
@@ -108,8 +108,8 @@ def main() -> None:
 
         prepare = ["--text_file", str(src), "--cache_dir", str(cache_dir), "--doc_separator", "blank"]
         prepare += ["--threads", str(args.threads)] if args.threads else []
-        cold_wall, cold_rss, _ = run_prepare(prepare)
-        warm_wall, warm_rss, warm_out = run_prepare(prepare)
+        cold_wall, cold_cpu, cold_rss, _ = run_prepare(prepare)
+        warm_wall, _, warm_rss, warm_out = run_prepare(prepare)
         assert "Up to date" in warm_out, warm_out
 
         tok = Tokenizer.load()
@@ -145,6 +145,8 @@ def main() -> None:
         "cold_prepare_s": cold_wall,
         "cold_prepare_mb_s": size / 1e6 / cold_wall,
         "tokenizing_pass_mb_s": size / 1e6 / meta["build_seconds"],
+        "cold_cpu_s": cold_cpu,
+        "cold_mb_per_cpu_s": size / 1e6 / cold_cpu,
         "cold_peak_rss_mb": cold_rss,
         "warm_prepare_s": warm_wall,
         "warm_peak_rss_mb": warm_rss,
@@ -160,7 +162,8 @@ def main() -> None:
     )
     print(
         f"first prepare: {cold_wall:.1f} s = {figures['cold_prepare_mb_s']:.1f} MB/s end to end "
-        f"({figures['tokenizing_pass_mb_s']:.1f} MB/s in the tokenizing pass), peak RSS {cold_rss:,.0f} MB"
+        f"({figures['tokenizing_pass_mb_s']:.1f} MB/s in the tokenizing pass), peak RSS {cold_rss:,.0f} MB; "
+        f"{cold_cpu:.1f} CPU-seconds = {figures['cold_mb_per_cpu_s']:.1f} MB per CPU-second"
     )
     print(
         f"second prepare (cache hit): {warm_wall:.2f} s, of which {import_s:.2f} s is starting Python and "
