@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from hilt.cli import main
-from hilt.data import TokenBatches, corpus_tokens, min_tokens_needed, split_tokens, train_val_tokens
+from hilt.data import (
+    TokenBatches,
+    corpus_tokens,
+    min_tokens_needed,
+    read_text,
+    split_tokens,
+    train_val_tokens,
+)
 from hilt.errors import UserError
 from hilt.tokenizer import Tokenizer
 from tests.conftest import DATA_TXT
@@ -222,6 +229,13 @@ def test_invalid_utf8_is_replaced_with_a_counted_warning(tmp_path, capsys):
     assert (
         f"warning: {(tmp_path / 'latin.txt').resolve()}: 6 invalid UTF-8 byte(s) replaced with U+FFFD" in err
     )
+
+
+def test_read_text_counts_invalid_bytes_not_replacement_characters(tmp_path, capsys):
+    # 2 bytes of a truncated 3-byte sequence give one U+FFFD; a U+FFFD already in the file is not an error
+    (tmp_path / "t.txt").write_bytes("fine \ufffd ".encode() + b"\xe2\x82 and \xff\n")
+    assert read_text(tmp_path / "t.txt") == "fine \ufffd \ufffd and \ufffd\n"
+    assert "t.txt: 3 invalid UTF-8 byte(s) replaced with U+FFFD" in capsys.readouterr().err
 
 
 def test_text_too_short_for_one_training_and_one_validation_sequence(tmp_path, capsys):

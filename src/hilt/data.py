@@ -3,7 +3,7 @@ next-token examples.
 
 Every consumer sees tokens through one interface, ``TokenBatches``: a 1-D array of ids (in memory or
 memory-mapped) cut into ``seq_len + 1`` windows, served in a seeded order that depends only on
-(seed, epoch), so the position ``(epoch, batch index)`` is all a checkpoint needs to resume the data exactly.
+(seed, epoch) and the batch settings, so the position ``(epoch, batch index)`` is all a checkpoint needs to resume the data exactly.
 """
 
 from __future__ import annotations
@@ -98,8 +98,10 @@ def corpus_tokens(
         if rank == 0:
             try:
                 cache = open_cache(text_file, tokenizer, **options)
-            except UserError as e:
-                verdict = [str(e)]
+            except Exception as e:
+                verdict = [
+                    str(e) if isinstance(e, UserError) else f"rank 0 could not prepare the data ({e!r})"
+                ]
                 torch.distributed.broadcast_object_list(verdict, src=0)
                 raise
         torch.distributed.broadcast_object_list(verdict, src=0)
