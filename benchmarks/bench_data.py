@@ -130,7 +130,8 @@ def main() -> None:
             expected += ([tok.eos_id] if i else []) + tok.encode(story.strip("\r\n"))
         assert cache.tokens[: len(expected)].tolist() == expected, "cache differs from a one-shot encode"
 
-        tiktoken_rate = encoder_rate(piece_encoder(tok)[0], sample)
+        encode = piece_encoder(tok)[0]
+        tiktoken_rate = encoder_rate(lambda text: encode([text]), sample)
         hf_rate = encoder_rate(tok.encode, sample[:2_000_000])
     finally:
         if args.dir is None:

@@ -101,11 +101,11 @@ def test_a_failed_build_leaves_no_cache_that_looks_valid(src, tok, monkeypatch):
         encode, name = real(*args, **kwargs)
         calls = []
 
-        def encode_then_die(text):
+        def encode_then_die(texts):
             calls.append(1)
             if len(calls) > 1:
                 raise KeyboardInterrupt  # as if the user hit Ctrl-C halfway
-            return encode(text)
+            return encode(texts)
 
         return encode_then_die, name
 

@@ -35,7 +35,7 @@ PROBE = (
     " \u3000ideo \u2028sep 日本語のテキスト, émigré naïve café, emoji 🙂🚀, numbers 1234567 3.14159 ...!!?? \n"
 )
 
-Encoder = Callable[[str], np.ndarray]  # text -> uint32 ids; thread-safe
+Encoder = Callable[[list[str]], list[np.ndarray]]  # texts -> uint32 ids of each; thread-safe, GIL released
 
 
 def uses_gpt2_pretokenizer(tokenizer_dir: str | Path | None) -> bool:
@@ -74,8 +74,19 @@ def _tiktoken_gpt2(tokenizer: Tokenizer) -> Encoder | None:
     if enc.encode(PROBE, allowed_special="all") != tokenizer.encode(PROBE):
         print("warning: tiktoken disagrees with the GPT-2 tokenizer; using the slower one", file=sys.stderr)
         return None
-    # literal "<EOS>" in the text becomes the special id, exactly as in Tokenizer.encode
-    return lambda text: enc.encode_to_numpy(text, allowed_special="all")
+
+    def encode_many(texts: list[str]) -> list[np.ndarray]:
+        # literal "<EOS>" in a text becomes the special id, exactly as in Tokenizer.encode
+        if len(texts) > 1 and not any(s in t for t in texts for s in specials):
+            # one call for many short texts (one call each costs more in GIL hand-offs than in encoding): special
+            # tokens split the text before the regex runs, so "a<EOS>b" encodes as a, <EOS>, b; cut at the <EOS>s
+            ids = enc.encode_to_numpy("<EOS>".join(texts), allowed_special="all")
+            parts = np.split(ids, np.flatnonzero(ids == tokenizer.eos_id))
+            assert len(parts) == len(texts)
+            return [parts[0], *(p[1:] for p in parts[1:])]
+        return [enc.encode_to_numpy(t, allowed_special="all") for t in texts]
+
+    return encode_many
 
 
 def piece_encoder(tokenizer: Tokenizer, tokenizer_dir: str | Path | None = None) -> tuple[Encoder, str]:
@@ -85,7 +96,9 @@ def piece_encoder(tokenizer: Tokenizer, tokenizer_dir: str | Path | None = None)
         if fast is not None:
             return fast, "tiktoken"
     # encode_batch releases the GIL, so the thread pool still spreads pieces over the cores
-    return lambda text: np.asarray(tokenizer.encode_batch([text])[0], dtype=np.uint32), "tokenizers"
+    return lambda texts: [
+        np.asarray(ids, dtype=np.uint32) for ids in tokenizer.encode_batch(texts)
+    ], "tokenizers"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -148,9 +161,6 @@ def encode_corpus(
             write(ids.astype(dtype, copy=False))
             n_tokens += len(ids)
 
-    def encode_all(texts: list[str]) -> list[np.ndarray]:
-        return [encode(t) for t in texts]
-
     batch: list[Piece] = []
     batch_chars = 0
     pieces = corpus.pieces()
@@ -162,7 +172,7 @@ def encode_corpus(
                     batch_chars += len(piece.text)
                 # short documents travel together: one task per ~piece_chars keeps the pool's overhead negligible
                 if batch and (piece is None or batch_chars >= corpus.piece_chars):
-                    pending.append((batch, pool.submit(encode_all, [p.text for p in batch])))
+                    pending.append((batch, pool.submit(encode, [p.text for p in batch])))
                     batch, batch_chars = [], 0
                 # a short queue keeps every core busy while bounding memory
                 while len(pending) > 2 * threads or (piece is None and pending):
