@@ -133,6 +133,12 @@ def test_leftovers_of_a_killed_build_are_ignored_and_cleaned(src, tok):
     assert not any("dead" in n for n in cache_files(folder))
 
 
+def test_damaged_metadata_rebuilds(src, tok):
+    first = open_cache(src, tok)
+    first.meta_path.write_text(json.dumps({"version": 1, "settings": first.meta["settings"]}))
+    assert open_cache(src, tok).built
+
+
 def test_max_tokens_builds_a_prefix_that_serves_smaller_requests(src, tok):
     full_ids = tok.encode(src.read_text(encoding="utf-8"))
     prefix = open_cache(src, tok, max_tokens=300, piece_chars=200)

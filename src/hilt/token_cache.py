@@ -87,7 +87,10 @@ def open_cache(
     meta_path = cache_dir / f"{base}.json"
 
     meta = _read_meta(meta_path)
-    reason = _stale_reason(meta, meta_path, files, settings, max_tokens)
+    try:
+        reason = _stale_reason(meta, meta_path, files, settings, max_tokens)
+    except (KeyError, TypeError, ValueError):  # metadata edited or damaged by hand
+        reason = "the cache metadata is unreadable"
     if reason is None:
         cache = _load(meta, meta_path)
         log(f"Token cache: {meta['n_tokens']:,} tokens from {meta_path.with_suffix('')} (memory-mapped)")
