@@ -1,4 +1,5 @@
-from hilt.cli import main
 import sys
+
+from hilt.cli import main
 
 sys.exit(main())
