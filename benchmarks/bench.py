@@ -1,0 +1,286 @@
+"""HILT against Hugging Face GPT-2 of the same shape, measured side by side in one process.
+
+    .venv/bin/python benchmarks/bench.py                 # the README table (~5 min on 2 CPU cores)
+    .venv/bin/python benchmarks/bench.py --quality_steps 150   # also: does bf16 train as well as fp32?
+
+Training contestants take turns step by step (so drifts in machine speed hit all of them alike); each figure is the
+median over --steps timed steps after --warmup untimed ones. FLOPs come from hilt.flops (PaLM's convention), and
+MFU divides achieved FLOP/s by the measured peak of a large matmul in the same dtype on the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hilt.device import autocast_dtype
+from hilt.flops import training_flops_per_token
+from hilt.generate import generate
+from hilt.model import HierarchicalTransformer, ModelConfig
+from hilt.train import TrainConfig, build_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 50260
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large square matmul: the practical ceiling for MFU."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+class Contestant:
+    """One model + optimizer + precision; ``step()`` is one forward + backward + optimizer step."""
+
+    def __init__(self, name, model, amp_dtype, flops_per_token, logits_fn):
+        self.name, self.model, self.amp_dtype = name, model, amp_dtype
+        self.flops_per_token = flops_per_token
+        self.logits_fn = logits_fn
+        self.optimizer = build_optimizer(model, TrainConfig(text_file="-"))
+        self.times: list[float] = []
+
+    def step(self, x, y) -> None:
+        t0 = time.perf_counter()
+        ctx = torch.autocast("cpu", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        with ctx:
+            logits = self.logits_fn(self.model, x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.times.append(time.perf_counter() - t0)
+
+
+def hf_gpt2(d_model=256, n_layers=6, n_heads=8):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=1024,
+        n_embd=d_model,
+        n_layer=n_layers,
+        n_head=n_heads,
+        tie_word_embeddings=True,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def bench_training(args) -> list[dict]:
+    hilt_dtype = autocast_dtype(torch.device("cpu"), use_amp=True)  # what train.py uses here by default
+    torch.manual_seed(0)
+    hilt_cfg = ModelConfig(vocab_size=VOCAB)
+    plain_cfg = ModelConfig(vocab_size=VOCAB, n_layers_ilt=0)
+    hilt_logits = lambda m, x: m(x, 0.1)  # noqa: E731
+    hf_logits = lambda m, x: m(input_ids=x, use_cache=False).logits  # noqa: E731
+    hf_flops = training_flops_per_token(plain_cfg, args.seq_len)  # same matmul shapes as the plain HILT
+    label = str(hilt_dtype).replace("torch.", "") if hilt_dtype else "fp32"
+    contestants = [
+        Contestant(
+            f"HILT ({label}, ILTs on)",
+            HierarchicalTransformer(hilt_cfg),
+            hilt_dtype,
+            training_flops_per_token(hilt_cfg, args.seq_len),
+            hilt_logits,
+        ),
+        Contestant(
+            f"HILT ({label}, n_layers_ilt=0)",
+            HierarchicalTransformer(plain_cfg),
+            hilt_dtype,
+            training_flops_per_token(plain_cfg, args.seq_len),
+            hilt_logits,
+        ),
+        Contestant("HF GPT-2 (fp32)", hf_gpt2(), None, hf_flops, hf_logits),
+        Contestant("HF GPT-2 (bf16 autocast)", hf_gpt2(), torch.bfloat16, hf_flops, hf_logits),
+    ]
+    if hilt_dtype is not None:
+        contestants.insert(
+            1,
+            Contestant(
+                "HILT (fp32, ILTs on)",
+                HierarchicalTransformer(hilt_cfg),
+                None,
+                training_flops_per_token(hilt_cfg, args.seq_len),
+                hilt_logits,
+            ),
+        )
+    for c in contestants:
+        c.model.train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (args.batch_size, args.seq_len + 1), generator=g)
+    x, y = x[:, :-1], x[:, 1:]
+    for i in range(args.warmup + args.steps):
+        for c in contestants:  # alternate: one step each, in turn
+            c.step(x, y)
+            if i < args.warmup:
+                c.times.clear()
+        print(f"  training round {i + 1}/{args.warmup + args.steps}", file=sys.stderr, end="\r")
+    peaks = {None: matmul_peak(torch.float32), torch.bfloat16: matmul_peak(torch.bfloat16)}
+    tokens = args.batch_size * args.seq_len
+    rows = []
+    for c in contestants:
+        t = statistics.median(c.times)
+        rows.append(
+            {
+                "name": c.name,
+                "step_s": t,
+                "tok_s": tokens / t,
+                "mfu": c.flops_per_token * tokens / t / peaks[c.amp_dtype],
+                "dtype": c.amp_dtype,
+            }
+        )
+    return rows, peaks
+
+
+def bench_generation(args) -> list[dict]:
+    torch.manual_seed(0)
+    hilt = HierarchicalTransformer(ModelConfig(vocab_size=VOCAB)).eval()
+    hf = hf_gpt2().eval()
+    prompt = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+    n = args.new_tokens
+
+    def run_hilt():
+        generate(hilt, prompt, n, temperature=0, use_cache=True)
+
+    def run_hf():
+        hf.generate(
+            prompt,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=None,
+            pad_token_id=0,
+            attention_mask=torch.ones_like(prompt),
+        )
+
+    contestants = {"HILT generate (cache)": run_hilt, "HF GPT2LMHeadModel.generate (cache)": run_hf}
+    times = {k: [] for k in contestants}
+    with torch.inference_mode():
+        for i in range(args.gen_rounds + 1):
+            for name, fn in contestants.items():
+                t0 = time.perf_counter()
+                fn()
+                if i:  # round 0 warms up
+                    times[name].append(time.perf_counter() - t0)
+    return [{"name": k, "tok_s": n / statistics.median(v)} for k, v in times.items()]
+
+
+def peak_rss_of_default_training() -> float:
+    """Peak RSS (GB) of train.py at its defaults (batch 32 x 128, d_model 256, 6 layers, ILTs on) for 5 steps."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [
+            sys.executable,
+            str(REPO / "train.py"),
+            "--text_file",
+            str(REPO / "data.txt"),
+            "--epochs",
+            "1",
+            "--epoch_tokens",
+            str(5 * 32 * 128),
+            "--out_dir",
+            out,
+        ]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+
+
+def quality(args) -> dict:
+    """Validation loss after the same steps on data.txt in bf16 autocast and in fp32 (train.py, default model)."""
+    losses = {}
+    for flag in ([], ["--no_amp"]):
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [
+                sys.executable,
+                str(REPO / "train.py"),
+                "--text_file",
+                str(REPO / "data.txt"),
+                "--epochs",
+                "1",
+                "--max_tokens",
+                "0",
+                "--batch_size",
+                "16",
+                "--epoch_tokens",
+                str(args.quality_steps * 16 * 128),
+                "--out_dir",
+                out,
+                *flag,
+            ]
+            subprocess.run(cmd, check=True, capture_output=True)
+            losses["fp32" if flag else "bf16"] = torch.load(Path(out) / "last_model.pt", weights_only=True)[
+                "val_loss"
+            ]
+    return losses
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--new_tokens", type=int, default=200)
+    p.add_argument("--gen_rounds", type=int, default=5)
+    p.add_argument(
+        "--quality_steps", type=int, default=0, help="also compare bf16 and fp32 val loss (0 = skip)"
+    )
+    args = p.parse_args()
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}"
+    )
+    rows, peaks = bench_training(args)
+    hf32 = next(r for r in rows if r["name"] == "HF GPT-2 (fp32)")["tok_s"]
+    hf16 = next(r for r in rows if r["name"] == "HF GPT-2 (bf16 autocast)")["tok_s"]
+    plain = next(r for r in rows if "n_layers_ilt=0" in r["name"])
+    print(
+        f"\nmatmul peak: fp32 {peaks[None] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s"
+    )
+    print("\n| training (fwd+bwd+AdamW) | step (s) | tokens/s | vs HF fp32 | vs HF bf16 | MFU |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['name']} | {r['step_s']:.3f} | {r['tok_s']:,.0f} | {r['tok_s'] / hf32:.2f}x | "
+            f"{r['tok_s'] / hf16:.2f}x | {r['mfu']:.0%} |"
+        )
+    ilt = rows[0]
+    print(f"\nILT cost: HILT with ILTs takes {plain['tok_s'] / ilt['tok_s']:.2f}x the time of n_layers_ilt=0")
+
+    gen = bench_generation(args)
+    print(f"\n| generation, batch 1, 8-token prompt, {args.new_tokens} new tokens, greedy | tokens/s |")
+    print("| --- | --- |")
+    for r in gen:
+        print(f"| {r['name']} | {r['tok_s']:,.1f} |")
+    print(f"\nGeneration: HILT {gen[0]['tok_s'] / gen[1]['tok_s']:.2f}x the tokens/s of HF generate")
+
+    print(
+        f"\nPeak RSS of a default train.py run (batch 32 x 128, 5 steps): {peak_rss_of_default_training():.2f} GB"
+    )
+    if args.quality_steps:
+        q = quality(args)
+        print(
+            f"\nVal loss after {args.quality_steps} steps on data.txt: bf16 {q['bf16']:.4f}, fp32 {q['fp32']:.4f} "
+            f"({(q['bf16'] - q['fp32']) / q['fp32']:+.2%})"
+        )
+
+
+if __name__ == "__main__":
+    main()
