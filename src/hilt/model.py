@@ -9,6 +9,7 @@ H heads, D head size (C // H), W layer window of an ILT, E ilt_dim, V vocab_size
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -129,6 +130,12 @@ class PositionalEncoding(nn.Module):
         return self.pe[start : start + length]  # (T, C)
 
 
+@functools.cache
+def _future_mask(T: int, device: torch.device) -> torch.Tensor:
+    """(T, T) True above the diagonal: what a causal query must not see. Cached: decoding asks for it per token."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention through torch's fused SDPA kernel, with an optional KV cache.
 
@@ -175,10 +182,8 @@ class MultiHeadAttention(nn.Module):
     @staticmethod
     def causal_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """The causal softmax attention weights (B, H, T, T) of queries/keys (B, H, T, D); rows are queries."""
-        T = q.size(-2)
         scores = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        return scores.masked_fill(_future_mask(q.size(-2), q.device), float("-inf")).softmax(dim=-1)
 
 
 class FeedForward(nn.Module):
