@@ -266,5 +266,7 @@ def test_prepare_then_train_on_jsonl_reuses_the_cache_and_keeps_the_budget(tmp_p
     ckpt = torch.load(tmp_path / "run" / "last_model.pt", weights_only=True)
     assert ckpt["train_config"]["epoch_tokens"] == 320 and ckpt["train_config"]["text_field"] == "body"
     resume = ["--resume", str(tmp_path / "run" / "last_model.pt"), "--epochs", "3"]
-    assert train(src, tmp_path / "run", *flags[:-1], "640", *resume) == 2
-    assert "was trained with --epoch_tokens 320; resuming exactly needs the same value" in error_line(capsys)
+    # a new budget on resume is a new batching plan: it applies from the next epoch on (as a new --batch_size does)
+    assert train(src, tmp_path / "run", *flags[:-1], "640", *resume) == 0
+    assert "10 batches of 4x16 per epoch" in capsys.readouterr().out
+    assert torch.load(tmp_path / "run" / "last_model.pt", weights_only=True)["epoch"] == 3

@@ -257,8 +257,6 @@ TRAIN_CMD = [
     str(REPO / "train.py"),
     "--text_file",
     str(DATA_TXT),
-    "--max_tokens",
-    "2000",
     "--batch_size",
     "4",
     "--seq_len",
@@ -270,7 +268,7 @@ TRAIN_CMD = [
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_explains_how_to_resume(tmp_path):
     proc = subprocess.Popen(
-        [*TRAIN_CMD, "--epochs", "50", "--out_dir", str(tmp_path)],
+        [*TRAIN_CMD, "--max_tokens", "2000", "--epochs", "50", "--out_dir", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -287,12 +285,16 @@ def test_sigterm_finishes_the_step_saves_and_explains_how_to_resume(tmp_path):
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_torn_checkpoint(tmp_path):
     rng = random.Random(1234)
-    cmd = [*TRAIN_CMD, "--epochs", "3", "--save_every", "1", "--out_dir", str(tmp_path)]
+    cmd = [*TRAIN_CMD, "--max_tokens", "4000", "--epochs", "4", "--save_every", "1", "--out_dir", str(tmp_path)]
+    last = tmp_path / "last_model.pt"
     kills = 0
-    for _ in range(4):
-        extra = ["--resume", str(tmp_path / "last_model.pt")] if (tmp_path / "last_model.pt").exists() else []
+    for _ in range(3):
+        extra = ["--resume", str(last)] if last.exists() else []
+        before = last.stat().st_mtime_ns if last.exists() else 0
         proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(4.0, 9.0))  # start-up takes ~3 s; then it saves after every step
+        # once it is writing checkpoints (one per step), kill it at a random moment
+        _wait_for(lambda: (last.exists() and last.stat().st_mtime_ns != before) or proc.poll() is not None, 120)
+        time.sleep(rng.uniform(0.05, 1.5))
         if proc.poll() is None:
             proc.kill()
             kills += 1
@@ -300,11 +302,9 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_checkpoint(tmp_path):
         for ckpt in tmp_path.glob("*.pt"):
             torch.load(ckpt, weights_only=True)  # every checkpoint present is complete
     assert kills >= 2
-    final = subprocess.run(
-        [*cmd, "--resume", str(tmp_path / "last_model.pt")], capture_output=True, text=True
-    )
+    final = subprocess.run([*cmd, "--resume", str(last)], capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
-    assert load_checkpoint(tmp_path / "last_model.pt")["epoch"] == 3
+    assert load_checkpoint(last)["epoch"] == 4
     assert not list(tmp_path.glob(".*.tmp"))
 
 

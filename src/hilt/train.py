@@ -432,6 +432,7 @@ class Trainer:
             "batch_size": d.batch_size,
             "world_size": d.world_size,
             "seed": d.seed,
+            "epoch_tokens": d.epoch_tokens,
         }
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -494,18 +495,6 @@ def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_si
         rank=rank,
         world_size=world_size,
     )
-    if cfg.resume:
-        # (epoch, batch in epoch) only names the same data position under the same epoch budget
-        try:
-            ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True, mmap=True)
-            stored = dict(ckpt.get("train_config") or {})
-        except Exception:  # read fully (and checked) by run_training already; no budget to compare then
-            stored = {"epoch_tokens": cfg.epoch_tokens}
-        if stored.get("epoch_tokens", 0) != cfg.epoch_tokens:
-            raise UserError(
-                f"{cfg.resume} was trained with --epoch_tokens {stored.get('epoch_tokens', 0)}; resuming exactly "
-                f"needs the same value (got {cfg.epoch_tokens})"
-            )
     train = TokenBatches(
         train_tokens,
         cfg.seq_len,
