@@ -285,7 +285,17 @@ def test_sigterm_finishes_the_step_saves_and_explains_how_to_resume(tmp_path):
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_torn_checkpoint(tmp_path):
     rng = random.Random(1234)
-    cmd = [*TRAIN_CMD, "--max_tokens", "4000", "--epochs", "4", "--save_every", "1", "--out_dir", str(tmp_path)]
+    cmd = [
+        *TRAIN_CMD,
+        "--max_tokens",
+        "4000",
+        "--epochs",
+        "4",
+        "--save_every",
+        "1",
+        "--out_dir",
+        str(tmp_path),
+    ]
     last = tmp_path / "last_model.pt"
     kills = 0
     for _ in range(3):
@@ -293,7 +303,9 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_checkpoint(tmp_path):
         before = last.stat().st_mtime_ns if last.exists() else 0
         proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # once it is writing checkpoints (one per step), kill it at a random moment
-        _wait_for(lambda: (last.exists() and last.stat().st_mtime_ns != before) or proc.poll() is not None, 120)
+        _wait_for(
+            lambda: (last.exists() and last.stat().st_mtime_ns != before) or proc.poll() is not None, 120
+        )
         time.sleep(rng.uniform(0.05, 1.5))
         if proc.poll() is None:
             proc.kill()
@@ -314,3 +326,13 @@ def _wait_for(condition, timeout):
         if time.time() > deadline:
             raise TimeoutError
         time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_compile_trains_to_the_same_loss_as_eager(tmp_path):
+    flags = ["--epochs", "1", "--no_amp", "--max_tokens", "1000"]
+    assert train(tmp_path / "eager", *flags) == 0
+    assert train(tmp_path / "compiled", *flags, "--compile") == 0
+    eager, compiled = (load_checkpoint(tmp_path / d / "last_model.pt") for d in ("eager", "compiled"))
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-3)
+    assert not any("_orig_mod" in k for k in compiled["model_state_dict"])  # plain names: loads anywhere

@@ -71,7 +71,9 @@ def ilt_stats(
     was_training = model.training
     model.eval()
     try:
-        model(idx, modulation_scale)
+        # eager even when the layers are compiled (--compile): a compiled graph does not call the hooks above
+        with torch.compiler.set_stance("force_eager"):
+            model(idx, modulation_scale)
     finally:
         for h in hooks:
             h.remove()

@@ -130,9 +130,16 @@ class PositionalEncoding(nn.Module):
         return self.pe[start : start + length]  # (T, C)
 
 
-@functools.cache
 def _future_mask(T: int, device: torch.device) -> torch.Tensor:
-    """(T, T) True above the diagonal: what a causal query must not see. Cached: decoding asks for it per token."""
+    """(T, T) True above the diagonal: what a causal query must not see."""
+    if torch.compiler.is_compiling():  # a compiled graph bakes it in; the cache below would only warn there
+        return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
+    return _cached_future_mask(T, device)
+
+
+@functools.cache
+def _cached_future_mask(T: int, device: torch.device) -> torch.Tensor:
+    # eager decoding asks for the same tiny mask for every ILT layer at every token
     return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
 
 
