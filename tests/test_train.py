@@ -304,7 +304,8 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_checkpoint(tmp_path):
         proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # once it is writing checkpoints (one per step), kill it at a random moment
         _wait_for(
-            lambda: (last.exists() and last.stat().st_mtime_ns != before) or proc.poll() is not None, 120
+            lambda p=proc, t=before: (last.exists() and last.stat().st_mtime_ns != t) or p.poll() is not None,
+            120,
         )
         time.sleep(rng.uniform(0.05, 1.5))
         if proc.poll() is None:
