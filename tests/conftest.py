@@ -26,7 +26,16 @@ def _reset_torch_state():
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    values = dict(vocab_size=97, d_model=32, n_layers=3, n_heads=4, max_seq_len=64, ilt_dim=16, nhead_ilt=2,
-                  dropout=0.0, ilt_dropout=0.0)
+    values = dict(
+        vocab_size=97,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        max_seq_len=64,
+        ilt_dim=16,
+        nhead_ilt=2,
+        dropout=0.0,
+        ilt_dropout=0.0,
+    )
     values.update(overrides)
     return ModelConfig(**values)

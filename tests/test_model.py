@@ -21,7 +21,14 @@ from tests.conftest import tiny_config
 
 def test_design_defaults():
     c = ModelConfig(vocab_size=50260)
-    assert (c.d_model, c.n_layers, c.n_heads, c.d_ff, c.dropout, c.max_seq_len) == (256, 6, 8, 1024, 0.1, 1024)
+    assert (c.d_model, c.n_layers, c.n_heads, c.d_ff, c.dropout, c.max_seq_len) == (
+        256,
+        6,
+        8,
+        1024,
+        0.1,
+        1024,
+    )
     assert (ILT_DIM, NHEAD_ILT, N_LAYERS_ILT, ILT_DROPOUT) == (128, 2, 2, 0.1)
     assert (MODULATION_SCALE_START, MODULATION_SCALE_END) == (0.01, 0.1)
     assert (c.ilt_dim, c.nhead_ilt, c.n_layers_ilt, c.ilt_window) == (128, 2, 2, 2)

@@ -8,7 +8,9 @@ from hilt.schedule import lr_factor, modulation_scale
 def test_curriculum_follows_the_design_formula():
     start, end, epochs = 0.01, 0.1, 10
     for epoch in range(epochs):
-        assert modulation_scale(epoch / epochs, start, end) == pytest.approx(start + epoch / epochs * (end - start))
+        assert modulation_scale(epoch / epochs, start, end) == pytest.approx(
+            start + epoch / epochs * (end - start)
+        )
     assert modulation_scale(0.0, start, end) == pytest.approx(0.01)
     assert modulation_scale(0.5, start, end) == pytest.approx(0.055)
     assert modulation_scale(1.0, start, end) == pytest.approx(0.1)

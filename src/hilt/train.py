@@ -272,7 +272,9 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
         for x, y in self.val_data.eval_batches():
-            total[0] += self.loss(self.criterion, x, y, self.model.config.modulation_scale_end, "sum").double()
+            total[0] += self.loss(
+                self.criterion, x, y, self.model.config.modulation_scale_end, "sum"
+            ).double()
             total[1] += y.numel()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
