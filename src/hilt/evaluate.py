@@ -101,19 +101,15 @@ def evaluate_tokens(
     t0 = time.perf_counter()
     for i in range(0, len(windows), batch_size):
         chunk = windows[i : i + batch_size]
-        batch = torch.from_numpy(np.stack([tokens[s : s + width] for s, _ in chunk]).astype(np.int64)).to(
-            device
-        )
+        rows = np.stack([tokens[s : s + width] for s, _ in chunk]).astype(np.int64)
+        batch = torch.from_numpy(rows).to(device)  # (B, T + 1)
         x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
             logits = model(x, modulation_scale)  # (B, T, V)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(
-            y
-        )  # (B, T)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
         # only the targets this window is the first to score: its last `scored` positions
-        keep = torch.arange(y.size(1), device=device) >= torch.tensor(
-            [y.size(1) - scored for _, scored in chunk], device=device
-        ).unsqueeze(1)  # (B, T)
+        first_new = torch.tensor([y.size(1) - scored for _, scored in chunk], device=device)  # (B,)
+        keep = torch.arange(y.size(1), device=device) >= first_new.unsqueeze(1)  # (B, T)
         total += nll[keep].double().sum()
     if device.type == "cuda":
         torch.cuda.synchronize()

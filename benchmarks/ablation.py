@@ -1,0 +1,511 @@
+"""Do ILTs help? Every arm trains on the same data with the same FLOP budget, for several seeds, and is judged by
+its validation loss. The README's "Do ILTs help? (ablation)" table comes from this script:
+
+    .venv/bin/python benchmarks/ablation.py                   # the full run (about 30 min on 2 idle CPU cores)
+    .venv/bin/python benchmarks/ablation.py --smoke           # the whole pipeline at a tiny budget (~1 min)
+
+Arms (the ILT flags not named stay at their defaults: n_layers_ilt 2, nhead_ilt 2, window 2, dropout 0.1,
+curriculum 0.01 -> 0.1):
+  hilt       the design's model;
+  plain      the same model with n_layers_ilt = 0;
+  plain+     a plain transformer given the ILTs' parameters and FLOPs back as depth and width (the (n_layers,
+             d_model) whose parameters and FLOPs per token are both closest to hilt's);
+  zero_init  ILT variant: zero-initialised output projection (ReZero, DenseFormer, Hyper-Connections);
+  gate       ILT variant: a learned scale per ILT instead of the fixed curriculum;
+  embed      ILT variant: the token embedding is added to each ILT's window (DenseFormer's access to the input);
+  ilt_off    control: hilt with modulation_scale 0, so the ILTs cost what they cost but add nothing. hilt minus
+             ilt_off (paired by seed) is the ILTs' own effect, apart from their cost and from seed noise.
+
+Equal cost: each arm gets ``--budget`` training FLOPs, counted analytically by ``hilt.flops`` (PaLM's convention:
+2 FLOPs per multiply-add of every matmul, attention over the full window, backward = 2x forward; the count is
+checked against torch's FlopCounterMode for every arm and the ratio stored in the results). An arm that costs more
+per token trains for fewer steps. Wall-clock is recorded too (training only, validation excluded).
+
+Reduced size, to finish within an hour on 2 CPU cores: d_model 128, 4 layers, 4 heads, ilt_dim 64 (the design's
+ILT_DIM / d_model = 1/2), seq_len 64, batch 16, and a 1,024-id byte-level BPE trained on the training part of
+data.txt with Hugging Face ``tokenizers`` (with GPT-2's 50,257 ids the LM head would be 80% of the FLOPs and hide
+what the layers do; ``--tokenizer gpt2`` uses it anyway). Every run trains in its own process on one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from hilt.data import TokenBatches, train_val_tokens
+from hilt.flops import forward_flops_per_token, training_flops_per_token
+from hilt.ilt_stats import ilt_stats
+from hilt.model import HierarchicalTransformer, ModelConfig
+from hilt.plot import pyplot
+from hilt.tokenizer import Tokenizer
+from hilt.train import TrainConfig, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    what: str
+    overrides: dict
+
+
+VARIANTS = [
+    Arm("hilt", "HILT, design defaults", {}),
+    Arm("plain", "n_layers_ilt = 0", {"n_layers_ilt": 0}),
+    Arm("plain+", "plain, ILT params/FLOPs back as depth/width", {}),  # overrides filled in by matched_plain
+    Arm("zero_init", "ILT out-projection zero-initialised", {"ilt_zero_init": True}),
+    Arm("gate", "learned per-ILT gate, no curriculum", {"ilt_gate": True}),
+    Arm("embed", "embedding added to the ILT window", {"ilt_embed": True}),
+    # the control: same cost, same random numbers as hilt, but the ILTs' output is multiplied by 0
+    Arm(
+        "ilt_off",
+        "control: hilt with modulation_scale 0",
+        {"modulation_scale_start": 0.0, "modulation_scale_end": 0.0},
+    ),
+]
+
+
+# --- cost ----------------------------------------------------------------------------------------------------
+
+
+def model_config(base: dict, overrides: dict):
+    return ModelConfig(**{**base, **overrides})
+
+
+def cost(config, seq_len: int) -> dict:
+    with torch.device("meta"):  # shapes only: no memory, no time, no random numbers drawn
+        model = HierarchicalTransformer(config)
+    params = model.num_parameters()
+    return {
+        "params": params,
+        "params_non_embedding": params - model.embed.weight.numel(),
+        "forward_flops_per_token": forward_flops_per_token(config, seq_len),
+        "train_flops_per_token": training_flops_per_token(config, seq_len),
+    }
+
+
+def matched_plain(base: dict, seq_len: int) -> dict:
+    """The plain transformer whose parameters and FLOPs per token are both closest to HILT's: the (n_layers,
+    d_model) minimising the larger of the two relative gaps (heads and head count fixed, d_ff = 4 d_model)."""
+    target = cost(model_config(base, {}), seq_len)
+    best, best_gap = None, math.inf
+    for n_layers in range(base["n_layers"], 3 * base["n_layers"] + 1):
+        for d_model in range(base["d_model"], 2 * base["d_model"] + 1, base["n_heads"] * 2):
+            overrides = {"n_layers_ilt": 0, "n_layers": n_layers, "d_model": d_model}
+            c = cost(model_config(base, overrides), seq_len)
+            gap = max(
+                abs(c["params"] / target["params"] - 1),
+                abs(c["train_flops_per_token"] / target["train_flops_per_token"] - 1),
+            )
+            if gap < best_gap:
+                best, best_gap = overrides, gap
+    return best
+
+
+def counted_forward_flops(config, seq_len: int) -> int:
+    """torch's own count of one forward pass, per token: the check on the analytic formula. The math SDPA backend
+    spells attention out as matmuls the counter sees (it does not count the fused CPU kernel)."""
+    model = HierarchicalTransformer(config).eval()
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
+        model(torch.zeros(1, seq_len, dtype=torch.long))
+    return counter.get_total_flops() // seq_len
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+
+
+def train_bpe(text_file: Path, out_dir: Path, vocab_size: int, val_fraction: float) -> Path:
+    """A byte-level BPE with ``vocab_size`` ids in all (3 of them HILT's special tokens), learnt from the part of
+    the text before the validation tail, saved as a Hugging Face tokenizer.json that ``--tokenizer`` loads."""
+    text = text_file.read_text(encoding="utf-8")
+    train_text = text[: int(len(text) * (1 - val_fraction))]
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 3, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(train_text.splitlines(keepends=True), trainer=trainer)
+    folder = out_dir / f"bpe{vocab_size}"
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+# --- one run (in a worker process) ---------------------------------------------------------------------------
+
+
+def run_one(task: dict) -> dict:
+    """Trains one (arm, seed) with the real Trainer, validating ``evals`` times along the way."""
+    torch.set_num_threads(1)  # one run per core: small matmuls gain nothing from a second thread
+    work, seed, evals = Path(task["work"]), task["seed"], task["evals"]
+    run_dir = work / "runs" / f"{task['arm']}-s{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    train_tokens = np.load(work / "train.npy", mmap_mode="r")
+    val_tokens = np.load(work / "val.npy", mmap_mode="r")
+    B, T = task["batch_size"], task["seq_len"]
+    steps_per_eval = task["steps"] // evals
+    cfg = TrainConfig(
+        text_file=str(task["text_file"]),
+        batch_size=B,
+        seq_len=T,
+        epochs=evals,  # an "epoch" is the stretch between two validations
+        lr=task["lr"],
+        amp=False,
+        out_dir=str(run_dir),
+        seed=seed,
+        device="cpu",
+        tokenizer=task["tokenizer"],
+        epoch_tokens=steps_per_eval * B * T,
+        ilt_stats_every=steps_per_eval,
+    )
+    train = TokenBatches(train_tokens, T, B, seed=seed, epoch_tokens=cfg.epoch_tokens)
+    val = TokenBatches(val_tokens, T, B, shuffle=False)
+    torch.manual_seed(seed)
+    model = HierarchicalTransformer(model_config(task["base"], task["overrides"]))
+    trainer = Trainer(model, cfg, train, val, device=torch.device("cpu"))
+    curve, seconds = [], 0.0
+    with open(run_dir / "log.txt", "w") as log, contextlib.redirect_stdout(log):
+        model.train()
+        for epoch in range(evals):
+            order = train.window_order(epoch)
+            t0 = time.perf_counter()
+            while trainer.batch_in_epoch < len(train):
+                trainer.train_step(order)
+            seconds += time.perf_counter() - t0
+            trainer.end_epoch()  # validation, metrics, checkpoints: exactly what `hilt train` does
+            flops = trainer.global_step * B * T * task["cost"]["train_flops_per_token"]
+            curve.append(
+                {
+                    "step": trainer.global_step,
+                    "flops": flops,
+                    "seconds": seconds,
+                    "val_loss": trainer.last_val_loss,
+                }
+            )
+    for ckpt in run_dir.glob("*.pt"):  # the metrics stay (`hilt plot` reads them); the weights are not needed
+        ckpt.unlink()
+    result = {
+        "arm": task["arm"],
+        "seed": seed,
+        "steps": trainer.global_step,
+        "tokens": trainer.global_step * B * T,
+        "flops": curve[-1]["flops"],
+        "train_seconds": seconds,
+        "val_loss": trainer.last_val_loss,
+        "curve": curve,
+    }
+    if model.ilts:
+        x, _ = next(val.eval_batches())
+        stats = ilt_stats(model, x[:8])
+        result["ilt"] = {k: stats[k] for k in ("scale", "ratio", "attn_prev")}
+    return result
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN if any value is)."""
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def loss_at(curve: list[dict], key: str, x: float) -> float:
+    """Validation loss at ``x`` (FLOPs or seconds) on a run's curve, interpolated linearly; a run that had
+    finished by then counts with its final loss; NaN before its first validation."""
+    xs, ys = [p[key] for p in curve], [p["val_loss"] for p in curve]
+    return float(np.interp(x, xs, ys)) if x >= xs[0] else math.nan
+
+
+def summarise(results: list[dict], arms: list[Arm], costs: dict) -> list[dict]:
+    by_arm = {
+        a.name: sorted((r for r in results if r["arm"] == a.name), key=lambda r: r["seed"]) for a in arms
+    }
+    ref = {r["seed"]: r["val_loss"] for r in by_arm.get("hilt", [])}
+    # equal wall-clock: every arm's loss when the fastest arm's runs were done (mean training time)
+    t_equal = min(statistics.fmean(r["train_seconds"] for r in runs) for runs in by_arm.values() if runs)
+    rows = []
+    for arm in arms:
+        runs = by_arm[arm.name]
+        if not runs:
+            continue
+        loss, loss_sd = mean_std([r["val_loss"] for r in runs])
+        # paired by seed (same data order, same main-layer initialisation): the fair way to compare arms
+        delta = [r["val_loss"] - ref[r["seed"]] for r in runs if r["seed"] in ref]
+        d, d_sd = mean_std(delta) if delta else (math.nan, math.nan)
+        secs, _ = mean_std([r["train_seconds"] for r in runs])
+        at_t, at_t_sd = mean_std([loss_at(r["curve"], "seconds", t_equal) for r in runs])
+        rows.append(
+            {
+                "arm": arm.name,
+                "what": arm.what,
+                "overrides": arm.overrides,
+                **costs[arm.name],
+                "seeds": len(runs),
+                "steps": runs[0]["steps"],
+                "tokens": runs[0]["tokens"],
+                "val_loss": loss,
+                "val_loss_sd": loss_sd,
+                "delta_vs_hilt": d,
+                "delta_vs_hilt_sd": d_sd,
+                "train_seconds": secs,
+                "equal_seconds": t_equal,
+                "val_loss_at_equal_seconds": at_t,
+                "val_loss_at_equal_seconds_sd": at_t_sd,
+                "tokens_per_second": runs[0]["tokens"] / secs,
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "| arm | what | params (non-emb.) | train FLOPs/token | steps | val loss (mean ± sd) | Δ vs hilt (paired) "
+        f"| train s | val loss at {rows[0]['equal_seconds']:.0f} s | tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        delta = "—" if r["arm"] == "hilt" else f"{r['delta_vs_hilt']:+.4f} ± {r['delta_vs_hilt_sd']:.4f}"
+        lines.append(
+            f"| {r['arm']} | {r['what']} | {r['params'] / 1e6:.3f}M ({r['params_non_embedding'] / 1e6:.3f}M) "
+            f"| {r['train_flops_per_token'] / 1e6:.2f}M | {r['steps']} | {r['val_loss']:.4f} ± {r['val_loss_sd']:.4f} "
+            f"| {delta} | {r['train_seconds']:.0f} | {r['val_loss_at_equal_seconds']:.4f} ± "
+            f"{r['val_loss_at_equal_seconds_sd']:.4f} | {r['tokens_per_second']:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], arms: list[Arm], path: Path) -> None:
+    plt = pyplot()
+    fig, (ax_f, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for n, arm in enumerate(arms):
+        runs = [r for r in results if r["arm"] == arm.name]
+        if not runs:
+            continue
+        color = colors[n % len(colors)]
+        curves = np.array([[p["val_loss"] for p in r["curve"]] for r in runs])  # (seeds, evals)
+        mean, sd = curves.mean(0), curves.std(0, ddof=1) if len(runs) > 1 else np.zeros(curves.shape[1])
+        flops = np.array([p["flops"] for p in runs[0]["curve"]]) / 1e12
+        secs = np.array([[p["seconds"] for p in r["curve"]] for r in runs]).mean(0)
+        ax_f.plot(flops, mean, "o-", color=color, label=arm.name, markersize=3)
+        ax_f.fill_between(flops, mean - sd, mean + sd, color=color, alpha=0.2)
+        ax_s.plot(secs, mean, "o-", color=color, label=arm.name, markersize=3)
+    ax_f.set(
+        xlabel="training TFLOPs (analytic)", ylabel="validation loss (nats/token)", title="loss per FLOP"
+    )
+    ax_s.set(xlabel="training seconds (1 thread per run)", title="loss per second")
+    for ax in (ax_f, ax_s):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+# --- main ----------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--text_file", default=str(REPO / "data.txt"))
+    p.add_argument(
+        "--out_dir", default=str(REPO / "benchmarks" / "results"), help="table, plot and JSON go here"
+    )
+    p.add_argument("--work_dir", default="/tmp/hilt_ablation", help="tokens, per-run metrics and logs")
+    p.add_argument("--budget", type=float, default=2e12, help="training FLOPs per run (default 2e12)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--arms", default=",".join(a.name for a in VARIANTS), help="comma-separated subset")
+    p.add_argument("--evals", type=int, default=4, help="validations per run, evenly spaced (default 4)")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each (default 2)")
+    p.add_argument("--tokenizer", default="bpe1024", help="bpeN (trained here) or gpt2 (default bpe1024)")
+    p.add_argument(
+        "--val_tokens",
+        type=int,
+        default=16384,
+        help="validate on the first N held-out tokens; 0 = all (default 16384)",
+    )
+    p.add_argument("--d_model", type=int, default=128)
+    p.add_argument("--n_layers", type=int, default=4)
+    p.add_argument("--n_heads", type=int, default=4)
+    p.add_argument("--ilt_dim", type=int, default=64)
+    p.add_argument("--seq_len", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--smoke", action="store_true", help="tiny budget, 2 seeds, capped validation: seconds")
+    p.add_argument("--resume", action="store_true", help="skip runs already in WORK_DIR/results.jsonl")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.budget, args.seeds, args.evals, args.val_tokens = 1e11, 2, 2, 1024
+        args.out_dir = str(Path(args.work_dir) / "smoke")
+
+    work, out = Path(args.work_dir), Path(args.out_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    started, load_start = time.time(), os.getloadavg()
+
+    # data: one tokenisation, shared by every run through .npy files
+    val_fraction = 0.1
+    if args.tokenizer == "gpt2":
+        tok_dir = None
+    elif args.tokenizer.startswith("bpe") and args.tokenizer[3:].isdigit():
+        tok_dir = train_bpe(Path(args.text_file), work, int(args.tokenizer[3:]), val_fraction)
+    else:
+        p.error(f"--tokenizer must be gpt2 or bpeN, got {args.tokenizer!r}")
+    tokenizer = Tokenizer.load(tok_dir)
+    train_tokens, val_tokens = train_val_tokens(
+        args.text_file,
+        tokenizer,
+        seq_len=args.seq_len,
+        val_fraction=val_fraction,
+        tokenizer_dir=tok_dir,
+        cache_dir=work / "cache",
+    )
+    if args.val_tokens:
+        val_tokens = val_tokens[: args.val_tokens]
+    np.save(work / "train.npy", np.asarray(train_tokens))
+    np.save(work / "val.npy", np.asarray(val_tokens))
+
+    # arms and their cost
+    base = dict(
+        vocab_size=tokenizer.vocab_size,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        ilt_dim=args.ilt_dim,
+        max_seq_len=args.seq_len,
+    )
+    wanted = args.arms.split(",")
+    unknown = set(wanted) - {a.name for a in VARIANTS}
+    if unknown:
+        p.error(f"unknown arms: {', '.join(sorted(unknown))}")
+    arms = [
+        Arm(a.name, a.what, matched_plain(base, args.seq_len)) if a.name == "plain+" else a
+        for a in VARIANTS
+        if a.name in wanted
+    ]
+    costs = {"vocab_size": tokenizer.vocab_size}
+    for arm in arms:
+        config = model_config(base, arm.overrides)
+        c = cost(config, args.seq_len)
+        c["flop_count_check"] = counted_forward_flops(config, args.seq_len) / c["forward_flops_per_token"]
+        c["steps"] = max(
+            args.evals, round(args.budget / (c["train_flops_per_token"] * args.batch_size * args.seq_len))
+        )
+        c["steps"] -= c["steps"] % args.evals
+        costs[arm.name] = c
+        print(
+            f"{arm.name:10s} {arm.overrides} | {c['params'] / 1e6:.3f}M params | "
+            f"{c['train_flops_per_token'] / 1e6:.2f}M train FLOPs/token (torch's count / ours: "
+            f"{c['flop_count_check']:.3f}) | {c['steps']} steps"
+        )
+    print(
+        f"{len(train_tokens):,} train / {len(val_tokens):,} val tokens ({tokenizer.name}) | budget {args.budget:.2e} "
+        f"FLOPs per run | {len(arms)} arms x {args.seeds} seeds on {args.workers} workers",
+        flush=True,
+    )
+
+    tasks = [
+        {
+            "arm": arm.name,
+            "overrides": arm.overrides,
+            "seed": seed,
+            "steps": costs[arm.name]["steps"],
+            "cost": costs[arm.name],
+            "base": base,
+            "work": str(work),
+            "text_file": args.text_file,
+            "tokenizer": str(tok_dir) if tok_dir else None,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "lr": args.lr,
+            "evals": args.evals,
+        }
+        for seed in range(args.seeds)
+        for arm in arms
+    ]
+    # every finished run is appended to results.jsonl at once; --resume reuses those made with the same settings
+    done_file = work / "results.jsonl"
+    settings = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("workers", "out_dir", "work_dir", "resume", "arms", "seeds")
+    }
+    results = []
+    if args.resume and done_file.exists():
+        results = [
+            r for r in map(json.loads, done_file.read_text().splitlines()) if r["settings"] == settings
+        ]
+        print(f"--resume: {len(results)} runs already done")
+    else:
+        done_file.unlink(missing_ok=True)
+    done = {(r["arm"], r["seed"]) for r in results}
+    tasks = [t for t in tasks if (t["arm"], t["seed"]) not in done]
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        for r in pool.imap_unordered(run_one, tasks):
+            r["settings"] = settings
+            results.append(r)
+            with done_file.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(
+                f"[{time.time() - started:6.0f}s] {r['arm']:10s} seed {r['seed']}: val loss {r['val_loss']:.4f} after "
+                f"{r['steps']} steps, {r['train_seconds']:.0f} s",
+                flush=True,
+            )
+
+    rows = summarise(results, arms, costs)
+    meta = {
+        "command": "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "wall_seconds": time.time() - started,
+        "settings": vars(args),
+        "base_config": base,
+        "tokens": {"train": len(train_tokens), "val": len(val_tokens), "tokenizer": tokenizer.name},
+    }
+    table = markdown(rows, meta)
+    (out / "ablation.md").write_text(table)
+    (out / "ablation.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": results}, indent=1))
+    plot(results, arms, out / "ablation.png")
+    print("\n" + table)
+    print(
+        f"{meta['machine']} | {meta['wall_seconds'] / 60:.1f} min | load average {load_start} -> {meta['load_average_end']}"
+    )
+    print(f"Wrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

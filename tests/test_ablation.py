@@ -1,0 +1,91 @@
+"""The ablation's bookkeeping: equal cost is only fair if the costs are right."""
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "ablation.py")
+ablation = importlib.util.module_from_spec(spec)
+sys.modules["ablation"] = ablation  # dataclasses look their module up there
+spec.loader.exec_module(ablation)
+
+TINY = dict(vocab_size=97, d_model=32, n_layers=3, n_heads=4, ilt_dim=16, max_seq_len=16)
+REDUCED = dict(vocab_size=1024, d_model=128, n_layers=4, n_heads=4, ilt_dim=64, max_seq_len=64)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"n_layers_ilt": 0}, {"ilt_embed": True}, {"ilt_gate": True}, {"ilt_window": 3}],
+    ids=["hilt", "plain", "embed", "gate", "window3"],
+)
+def test_analytic_flops_equal_torchs_count(overrides):
+    config = ablation.model_config(TINY, overrides)
+    assert ablation.counted_forward_flops(config, 16) == ablation.cost(config, 16)["forward_flops_per_token"]
+
+
+def test_matched_plain_is_within_a_few_percent_on_params_and_flops():
+    hilt = ablation.cost(ablation.model_config(REDUCED, {}), 64)
+    overrides = ablation.matched_plain(REDUCED, 64)
+    plain = ablation.cost(ablation.model_config(REDUCED, overrides), 64)
+    assert overrides["n_layers_ilt"] == 0
+    assert abs(plain["params"] / hilt["params"] - 1) < 0.12
+    assert abs(plain["train_flops_per_token"] / hilt["train_flops_per_token"] - 1) < 0.12
+    # and it is closer than the plain model of the same shape, which simply lacks the ILTs
+    same_shape = ablation.cost(ablation.model_config(REDUCED, {"n_layers_ilt": 0}), 64)
+    assert same_shape["params"] < 0.75 * hilt["params"]
+
+
+def _run(arm, seed, loss, seconds):
+    curve = [
+        {"step": 1, "flops": 1.0, "seconds": seconds / 2, "val_loss": loss + 1.0},
+        {"step": 2, "flops": 2.0, "seconds": seconds, "val_loss": loss},
+    ]
+    return {"arm": arm, "seed": seed, "steps": 2, "tokens": 64, "flops": 2.0, "train_seconds": seconds,
+            "val_loss": loss, "curve": curve}  # fmt: skip
+
+
+def test_summary_pairs_seeds_and_reads_losses_at_equal_time():
+    arms = [ablation.Arm("hilt", "", {}), ablation.Arm("plain", "", {"n_layers_ilt": 0})]
+    results = [_run("hilt", 0, 4.0, 20.0), _run("hilt", 1, 4.2, 20.0), _run("plain", 0, 3.9, 10.0),
+               _run("plain", 1, 4.0, 10.0)]  # fmt: skip
+    cost = {"params": 2, "params_non_embedding": 1, "train_flops_per_token": 3}
+    hilt, plain = ablation.summarise(results, arms, {"hilt": cost, "plain": cost})
+    assert hilt["val_loss"] == pytest.approx(4.1) and hilt["val_loss_sd"] == pytest.approx(
+        np.std([4.0, 4.2], ddof=1)
+    )
+    assert plain["delta_vs_hilt"] == pytest.approx((-0.1 - 0.2) / 2)  # per seed: 3.9 - 4.0 and 4.0 - 4.2
+    # plain finished in 10 s; hilt was half-way then: loss + 1 at its first validation
+    assert plain["equal_seconds"] == 10.0
+    assert hilt["val_loss_at_equal_seconds"] == pytest.approx(5.1)
+    assert plain["val_loss_at_equal_seconds"] == pytest.approx(3.95)
+    table = ablation.markdown([hilt, plain], {})
+    assert "| plain |" in table and "-0.1500 ± 0.0707" in table
+
+
+def test_one_run_trains_its_budgeted_steps_with_the_real_trainer(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train.npy", rng.integers(0, 97, 2000).astype(np.uint16))
+    np.save(tmp_path / "val.npy", rng.integers(0, 97, 300).astype(np.uint16))
+    config = ablation.model_config(TINY, {})
+    task = {"arm": "hilt", "overrides": {}, "seed": 0, "steps": 4, "cost": ablation.cost(config, 16), "base": TINY,
+            "work": str(tmp_path), "text_file": "unused", "tokenizer": None, "batch_size": 4, "seq_len": 16,
+            "lr": 1e-3, "evals": 2}  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        result = ablation.run_one(task)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["steps"] == 4 and [p["step"] for p in result["curve"]] == [2, 4]
+    assert result["flops"] == 4 * 4 * 16 * task["cost"]["train_flops_per_token"]
+    assert result["val_loss"] == result["curve"][-1]["val_loss"] < np.log(97) + 0.5
+    assert len(result["ilt"]["ratio"]) == 2
+    run_dir = tmp_path / "runs" / "hilt-s0"
+    epochs = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["kind"] == "epoch"]
+    assert [e["val_loss"] for e in epochs] == [p["val_loss"] for p in result["curve"]]
+    assert not list(run_dir.glob("*.pt"))
