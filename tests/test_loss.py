@@ -44,3 +44,17 @@ def test_language_model_loss_equals_cross_entropy_of_the_models_logits():
     assert torch.allclose(LanguageModelLoss(model)(x, y, 0.05), expected, rtol=1e-5)
     total = LanguageModelLoss(model)(x, y, 0.05, reduction="sum")
     assert torch.allclose(total, expected * 18, rtol=1e-5)
+
+
+def test_validation_costs_one_matmul_and_training_three():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight = torch.randn(8, 16, requires_grad=True), torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (8,))
+    one_matmul = 2 * 8 * 16 * 97
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        chunked_cross_entropy(hidden, weight, targets)
+    assert counter.get_total_flops() == one_matmul
+    with FlopCounterMode(display=False) as counter:
+        chunked_cross_entropy(hidden, weight, targets)  # the gradients are computed here, in forward
+    assert counter.get_total_flops() == 3 * one_matmul

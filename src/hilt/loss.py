@@ -29,9 +29,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum over tokens of -log softmax(hidden @ weight^T)[target]; hidden (N, C), weight (V, C), targets (N,)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype: torch.dtype, chunk: int):
+    def forward(ctx, hidden, weight, targets, dtype: torch.dtype, chunk: int, want_grad: bool):
         h, w = hidden.to(dtype), weight.to(dtype)
-        want_grad = any(ctx.needs_input_grad[:2])
         grad_h = torch.empty_like(h) if want_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -53,7 +52,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_total).to(ctx.hidden_dtype), grad_w * grad_total, None, None, None
+        return (grad_h * grad_total).to(ctx.hidden_dtype), grad_w * grad_total, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -61,7 +60,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     ``F.cross_entropy(hidden @ weight.T, targets, reduction="sum")`` computed in the autocast dtype."""
     n_chunks = -(-hidden.size(0) * weight.size(0) // CHUNK_ELEMENTS)  # ceil
     chunk = -(-hidden.size(0) // n_chunks)  # equal chunks rather than a short last one
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, _compute_dtype(hidden), chunk)
+    # forward computes the gradients too, so it must know here whether anyone will ask (validation will not;
+    # needs_input_grad inside forward stays True under no_grad)
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, _compute_dtype(hidden), chunk, want_grad)
 
 
 class LanguageModelLoss(nn.Module):
