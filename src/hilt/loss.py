@@ -15,9 +15,10 @@ from torch import nn
 
 from hilt.model import HierarchicalTransformer
 
-# Logits per chunk at most (256 MB in fp32). Fewer, larger chunks measured faster than many small ones: each chunk
-# pays a (V x C) weight-gradient conversion and add, and small row counts make the matmuls less efficient.
-CHUNK_ELEMENTS = 2**26
+# Logits per chunk at most (128 MB in fp32; 512 tokens of GPT-2's vocabulary). Larger chunks run a little faster
+# (each chunk pays a (V x C) weight-gradient conversion and add), smaller ones use less memory: this size keeps
+# a default train.py run (batch 32 x 128) under 2 GB peak RSS (benchmarks/bench.py measures it).
+CHUNK_ELEMENTS = 2**25
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
