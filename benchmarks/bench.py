@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -198,8 +198,12 @@ def peak_rss_of_default_training() -> float:
             "--out_dir",
             out,
         ]
-        subprocess.run(cmd, check=True, capture_output=True)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest of all children
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed with status {proc.returncode}")
+    return usage.ru_maxrss / 1024**2
 
 
 def quality(args) -> dict:
