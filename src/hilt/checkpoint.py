@@ -9,45 +9,26 @@ rng_state, tokenizer (its identity string), history (per-epoch metrics).
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hilt.errors import UserError
+from hilt.files import TMP_SUFFIX, atomic_write
 from hilt.model import HierarchicalTransformer, ModelConfig
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "config", "model_state_dict")
 CHECKPOINT_NAMES = ("best_model.pt", "last_model.pt")
-TMP_SUFFIX = ".tmp"
 
 
 def atomic_save(obj: dict, path: str | Path) -> None:
-    """Writes to a temporary file in the same folder, fsyncs it, then renames it over ``path``: a crash at any
-    moment leaves either the old complete file or the new complete file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # make the rename itself durable
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """``torch.save`` through ``atomic_write``: a crash never leaves a torn checkpoint."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def remove_stale_temporaries(folder: str | Path) -> None:

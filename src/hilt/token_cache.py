@@ -36,6 +36,7 @@ import numpy as np
 from hilt.corpus import Corpus, default_cache_dir, file_sha256, resolve_sources, source_kind
 from hilt.encode import default_threads, encode_corpus, piece_encoder, token_dtype, uses_gpt2_pretokenizer
 from hilt.errors import UserError
+from hilt.files import atomic_write
 from hilt.tokenizer import Tokenizer
 
 CACHE_VERSION = 1
@@ -154,7 +155,7 @@ def _stale_reason(
             return f"{path.name} changed"
         rec["mtime_ns"] = mtime_ns
     if touched:
-        _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+        atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return None
 
 
@@ -223,7 +224,7 @@ def _build(
         raise
     buf = io.BytesIO()
     np.save(buf, result.doc_starts)
-    _atomic_write(folder / docs_file, buf.getvalue())
+    atomic_write(folder / docs_file, lambda f: f.write(buf.getvalue()))
     meta = {
         "format": "hilt-token-cache",
         "version": CACHE_VERSION,
@@ -250,27 +251,9 @@ def _build(
         "threads": threads,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     _remove_old_builds(folder, base, meta_path)
     return TokenCache(tokens, result.doc_starts, meta, meta_path, built=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _remove_leftovers(folder: Path, base: str) -> None:
