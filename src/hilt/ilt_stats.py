@@ -9,7 +9,6 @@ hot path changes.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,7 @@ def attention_weights(attn: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor
     N, W, E = x.shape
     q, k, _ = attn.qkv(x).split(E, dim=2)
     q, k = (t.view(N, W, attn.n_heads, E // attn.n_heads).transpose(1, 2) for t in (q, k))  # (N, H, W, D)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (N, H, W, W)
-    causal = torch.ones(W, W, dtype=torch.bool, device=x.device).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return attn.causal_weights(q, k)  # (N, H, W, W): the very weights the ILT's short attention applies
 
 
 def window_labels(model: HierarchicalTransformer, ilt_index: int, window_len: int) -> list[str]:
