@@ -2,7 +2,7 @@
 to, and how its attention splits between the layers in its window. ``hilt inspect`` prints both for a prompt and
 draws the attention as a heat map; the trainer logs them every ``--ilt_stats_every`` steps.
 
-The model's fast path (SDPA) never materialises attention weights, so forward hooks capture the input of every ILT
+The model never keeps its attention weights, so forward hooks capture the input of every ILT
 attention block and the weights are recomputed here from that block's own q/k projection. Nothing in the training
 hot path changes.
 """
