@@ -17,8 +17,9 @@ setup: $(VENV)/.installed
 
 # Trains a small model on data.txt (a few minutes on 2 CPU cores), then prints a sample from it.
 demo: setup
-	$(PY) train.py --text_file data.txt --max_tokens 60000 --epochs 2 --batch_size 16 --seq_len 64 \
-		--n_layers 4 --out_dir runs/demo --overwrite
+	mkdir -p runs
+	$(PY) train.py --text_file data.txt --epochs 4 --batch_size 16 --seq_len 64 --model_dim 128 --n_layers 4 \
+		--n_heads 4 --ilt_dim 64 --lr 2e-3 --out_dir runs/demo --overwrite
 	$(PY) inference.py --model_path runs/demo/best_model.pt --prompt "ROMEO:" --max_len 60 \
 		--temperature 0.8 --top_k 40 --use_cache --seed 0
 
