@@ -183,26 +183,20 @@ def bench_generation(args) -> list[dict]:
     return [{"name": k, "tok_s": n / statistics.median(v)} for k, v in times.items()]
 
 
+def train_py(out_dir: str, *flags: str) -> list[str]:
+    """The command line of a one-epoch train.py run on data.txt, writing into out_dir."""
+    return [sys.executable, str(REPO / "train.py"), "--text_file", str(REPO / "data.txt"), "--epochs", "1",
+            "--out_dir", out_dir, *flags]  # fmt: skip
+
+
 def peak_rss_of_default_training() -> float:
     """Peak RSS (GB) of train.py at its defaults (batch 32 x 128, d_model 256, 6 layers, ILTs on) for 5 steps."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [
-            sys.executable,
-            str(REPO / "train.py"),
-            "--text_file",
-            str(REPO / "data.txt"),
-            "--epochs",
-            "1",
-            "--epoch_tokens",
-            str(5 * 32 * 128),
-            "--out_dir",
-            out,
-        ]
+        cmd = train_py(out, "--epoch_tokens", str(5 * 32 * 128))
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest of all children
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed with status {proc.returncode}")
+        if os.waitstatus_to_exitcode(status):
+            raise RuntimeError(f"{' '.join(cmd)} failed with status {os.waitstatus_to_exitcode(status)}")
     return usage.ru_maxrss / 1024**2
 
 
@@ -211,23 +205,8 @@ def quality(args) -> dict:
     losses = {}
     for flag in ([], ["--no_amp"]):
         with tempfile.TemporaryDirectory() as out:
-            cmd = [
-                sys.executable,
-                str(REPO / "train.py"),
-                "--text_file",
-                str(REPO / "data.txt"),
-                "--epochs",
-                "1",
-                "--max_tokens",
-                "0",
-                "--batch_size",
-                "16",
-                "--epoch_tokens",
-                str(args.quality_steps * 16 * 128),
-                "--out_dir",
-                out,
-                *flag,
-            ]
+            budget = str(args.quality_steps * 16 * 128)
+            cmd = train_py(out, "--max_tokens", "0", "--batch_size", "16", "--epoch_tokens", budget, *flag)
             subprocess.run(cmd, check=True, capture_output=True)
             losses["fp32" if flag else "bf16"] = torch.load(Path(out) / "last_model.pt", weights_only=True)[
                 "val_loss"
