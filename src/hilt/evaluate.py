@@ -24,6 +24,7 @@ from hilt.checkpoint import load_checkpoint, model_from_checkpoint
 from hilt.data import tokenize_file, train_val_tokens
 from hilt.device import autocast_dtype, resolve_device
 from hilt.errors import UserError
+from hilt.metrics import perplexity
 from hilt.model import HierarchicalTransformer
 from hilt.tokenizer import Tokenizer
 
@@ -121,7 +122,7 @@ def evaluate_tokens(
     last = windows[-1][0] + width - 1  # index of the last scored target; targets 1 .. last are all scored
     n_bytes = len(tokenizer.decode(tokens[1 : last + 1].tolist()).encode("utf-8")) if tokenizer else 0
     bpb = loss * n_scored / math.log(2) / n_bytes if n_bytes else math.nan
-    ppl = math.exp(min(loss, 700.0))
+    ppl = perplexity(loss)
     return EvalResult(loss, ppl, bpb, n_scored, n_bytes, len(windows), seconds)
 
 

@@ -11,6 +11,11 @@ from pathlib import Path
 from hilt.errors import UserError
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped before it overflows; NaN for a missing (non-finite) loss."""
+    return math.exp(min(loss, 700.0)) if math.isfinite(loss) else math.nan
+
+
 class MetricsLog:
     """Appends records to ``path``; with ``tensorboard_dir`` also writes each number as a scalar named
     ``<kind>/<key>`` (lists become ``<kind>/<key>/<i>``) at the record's ``step``."""

@@ -8,10 +8,10 @@ attention to the previous one, per ILT). The x axis is the optimizer step.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from hilt.errors import UserError
+from hilt.metrics import perplexity
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -62,10 +62,6 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in pairs], [v for _, v in pairs]
 
 
-def _ppl(losses: list[float]) -> list[float]:
-    return [math.exp(min(v, 700.0)) for v in losses]
-
-
 def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     """Draws every run in ``runs`` on one figure and saves it as ``out`` (PNG)."""
     plt = pyplot()
@@ -87,9 +83,9 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
         ax_loss.plot(x, y, color=color, alpha=0.45, linewidth=0.8, label=f"{name} train (step)")
         x, y = _series(epochs, "val_loss")
         ax_loss.plot(x, y, "o-", color=color, label=f"{name} val (epoch)")
-        ax_ppl.plot(x, _ppl(y), "o-", color=color, label=f"{name} val")
+        ax_ppl.plot(x, [perplexity(v) for v in y], "o-", color=color, label=f"{name} val")
         x, y = _series(epochs, "train_loss")
-        ax_ppl.plot(x, _ppl(y), "s--", color=color, alpha=0.6, label=f"{name} train")
+        ax_ppl.plot(x, [perplexity(v) for v in y], "s--", color=color, alpha=0.6, label=f"{name} train")
         ax_lr.plot(*_series(steps, "lr"), color=color, label=name)
         ax_grad.plot(*_series(steps, "grad_norm"), color=color, alpha=0.7, linewidth=0.8, label=name)
         if has_ilt:

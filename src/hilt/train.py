@@ -39,7 +39,7 @@ from hilt.distributed import any_rank, mean_over_ranks
 from hilt.errors import UserError
 from hilt.ilt_stats import ilt_stats
 from hilt.loss import LanguageModelLoss
-from hilt.metrics import MetricsLog
+from hilt.metrics import MetricsLog, perplexity
 from hilt.model import HierarchicalTransformer, ModelConfig
 from hilt.schedule import SCHEDULERS, lr_factor, modulation_scale
 from hilt.tokenizer import Tokenizer
@@ -374,8 +374,8 @@ class Trainer:
         if not self.is_main:
             return
         print(f"\nEpoch {record['epoch']}/{self.cfg.epochs} Summary:")
-        print(f"Train Loss: {train_loss:.4f} | Train Perplexity: {_ppl(train_loss):.2f}")
-        print(f"Val Loss: {val_loss:.4f} | Val Perplexity: {_ppl(val_loss):.2f}")
+        print(f"Train Loss: {train_loss:.4f} | Train Perplexity: {perplexity(train_loss):.2f}")
+        print(f"Val Loss: {val_loss:.4f} | Val Perplexity: {perplexity(val_loss):.2f}")
         print(f"Avg Grad Norm: {record['avg_grad_norm']:.4f} | Learning Rate: {record['lr']:.6f}")
         if self.cfg.ilt_stats_every:
             c = self.model.config
@@ -384,7 +384,7 @@ class Trainer:
         self.metrics.write(kind="epoch", step=self.global_step, **record)
         if improved:
             self.save("best_model.pt", train_loss=train_loss)
-            print(f"✓ Saved best model with val loss: {val_loss:.4f}, perplexity: {_ppl(val_loss):.2f}")
+            print(f"✓ Saved best model with val loss: {val_loss:.4f}, perplexity: {perplexity(val_loss):.2f}")
         self.save("last_model.pt", train_loss=train_loss)
 
     # --- checkpoints ------------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ class Trainer:
             "epochs_without_improvement": self.epochs_without_improvement,
             "train_loss": train_loss,
             "val_loss": self.last_val_loss,
-            "perplexity": _ppl(self.last_val_loss),
+            "perplexity": perplexity(self.last_val_loss),
             "history": list(self.history),
             "rng_state": capture_rng_state(),
         }
@@ -473,10 +473,6 @@ class Trainer:
 
 def _new_epoch_stats() -> dict:
     return {"loss_sum": 0.0, "batches": 0, "grad_norm_sum": 0.0, "steps": 0}
-
-
-def _ppl(loss: float) -> float:
-    return math.exp(min(loss, 700.0)) if math.isfinite(loss) else math.nan
 
 
 # --- glue: from settings to a running Trainer ----------------------------------------------------------------
