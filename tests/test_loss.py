@@ -37,6 +37,36 @@ def test_chunked_loss_under_bf16_autocast_matches_bf16_logits():
     assert torch.allclose(ours, ref, rtol=1e-4)
 
 
+def test_bf16_training_loss_and_gradients_match_autograd_through_bf16_logits(monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 97 * 16)  # three chunks, gradients summed in bf16
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = torch.randn(97, 32, requires_grad=True)
+    targets = torch.randint(0, 97, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = chunked_cross_entropy(hidden, weight, targets)
+    ours.backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = hidden @ weight.T
+    ref = F.cross_entropy(logits.float(), targets, reduction="sum")
+    ref.backward()
+    assert ours.dtype == torch.float32 and g_h.dtype == g_w.dtype == torch.float32
+    assert abs(ours - ref) <= 2**-9 * len(targets)  # each token's probability carries one bf16 rounding
+    assert torch.allclose(g_h, hidden.grad, rtol=0.02, atol=0.02)
+    assert torch.allclose(g_w, weight.grad, rtol=0.02, atol=0.05)
+
+
+def test_a_target_probability_below_fp32_range_still_gives_the_exact_loss():
+    # logits 200 apart: the target's probability is e**-200, which no float can hold; the loss is simply 200
+    hidden = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    weight = torch.tensor([[0.0, 0.0], [200.0, 0.0]], requires_grad=True)
+    loss = chunked_cross_entropy(hidden, weight, torch.tensor([0]))
+    loss.backward()
+    assert torch.isclose(loss, torch.tensor(200.0))
+    assert torch.allclose(hidden.grad, torch.tensor([[200.0, 0.0]]))
+
+
 def test_language_model_loss_equals_cross_entropy_of_the_models_logits():
     model = HierarchicalTransformer(tiny_config()).eval()
     x, y = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
