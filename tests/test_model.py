@@ -170,3 +170,27 @@ def test_default_modulation_scale_is_the_configs_end_value():
     model = HierarchicalTransformer(tiny_config(modulation_scale_end=0.05)).eval()
     idx = torch.randint(0, 97, (1, 6))
     assert torch.equal(model(idx), model(idx, modulation_scale=0.05))
+
+
+def test_attention_paths_agree_explicit_for_short_bf16_training_sdpa_otherwise(monkeypatch):
+    import hilt.model as model_module
+
+    sdpa_calls = []
+    sdpa = model_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        model_module.F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k)
+    )
+    torch.manual_seed(0)
+    attn = model_module.MultiHeadAttention(32, 4, dropout=0.0)
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        reference = attn(x)  # fp32: SDPA
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            sdpa_bf16 = attn(x)  # no backward to pay for: SDPA
+        assert len(sdpa_calls) == 2
+        explicit = attn(x)  # a short bf16 sequence under autograd: the explicit path
+        assert len(sdpa_calls) == 2
+    assert explicit.requires_grad
+    assert torch.allclose(explicit.float(), reference, atol=0.03)
+    assert torch.allclose(explicit.float(), sdpa_bf16.float(), atol=0.03)
