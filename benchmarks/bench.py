@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from hilt.device import autocast_dtype
 from hilt.flops import training_flops_per_token
 from hilt.generate import generate
+from hilt.loss import LanguageModelLoss
 from hilt.model import HierarchicalTransformer, ModelConfig
 from hilt.train import TrainConfig, build_optimizer
 
@@ -49,10 +50,10 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
 class Contestant:
     """One model + optimizer + precision; ``step()`` is one forward + backward + optimizer step."""
 
-    def __init__(self, name, model, amp_dtype, flops_per_token, logits_fn):
+    def __init__(self, name, model, amp_dtype, flops_per_token, loss_fn):
         self.name, self.model, self.amp_dtype = name, model, amp_dtype
         self.flops_per_token = flops_per_token
-        self.logits_fn = logits_fn
+        self.loss_fn = loss_fn
         self.optimizer = build_optimizer(model, TrainConfig(text_file="-"))
         self.times: list[float] = []
 
@@ -60,8 +61,7 @@ class Contestant:
         t0 = time.perf_counter()
         ctx = torch.autocast("cpu", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         with ctx:
-            logits = self.logits_fn(self.model, x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            loss = self.loss_fn(self.model, x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -88,8 +88,10 @@ def bench_training(args) -> list[dict]:
     torch.manual_seed(0)
     hilt_cfg = ModelConfig(vocab_size=VOCAB)
     plain_cfg = ModelConfig(vocab_size=VOCAB, n_layers_ilt=0)
-    hilt_logits = lambda m, x: m(x, 0.1)  # noqa: E731
-    hf_logits = lambda m, x: m(input_ids=x, use_cache=False).logits  # noqa: E731
+    hilt_loss = lambda m, x, y: LanguageModelLoss(m)(x, y, 0.1)  # noqa: E731  # what train.py's step calls
+    hf_loss = lambda m, x, y: F.cross_entropy(  # noqa: E731  # as HF's own loss: fp32 logits
+        m(input_ids=x, use_cache=False).logits.flatten(0, 1).float(), y.flatten()
+    )
     hf_flops = training_flops_per_token(plain_cfg, args.seq_len)  # same matmul shapes as the plain HILT
     label = str(hilt_dtype).replace("torch.", "") if hilt_dtype else "fp32"
     contestants = [
@@ -98,17 +100,17 @@ def bench_training(args) -> list[dict]:
             HierarchicalTransformer(hilt_cfg),
             hilt_dtype,
             training_flops_per_token(hilt_cfg, args.seq_len),
-            hilt_logits,
+            hilt_loss,
         ),
         Contestant(
             f"HILT ({label}, n_layers_ilt=0)",
             HierarchicalTransformer(plain_cfg),
             hilt_dtype,
             training_flops_per_token(plain_cfg, args.seq_len),
-            hilt_logits,
+            hilt_loss,
         ),
-        Contestant("HF GPT-2 (fp32)", hf_gpt2(), None, hf_flops, hf_logits),
-        Contestant("HF GPT-2 (bf16 autocast)", hf_gpt2(), torch.bfloat16, hf_flops, hf_logits),
+        Contestant("HF GPT-2 (fp32)", hf_gpt2(), None, hf_flops, hf_loss),
+        Contestant("HF GPT-2 (bf16 autocast)", hf_gpt2(), torch.bfloat16, hf_flops, hf_loss),
     ]
     if hilt_dtype is not None:
         contestants.insert(
@@ -118,7 +120,7 @@ def bench_training(args) -> list[dict]:
                 HierarchicalTransformer(hilt_cfg),
                 None,
                 training_flops_per_token(hilt_cfg, args.seq_len),
-                hilt_logits,
+                hilt_loss,
             ),
         )
     for c in contestants:

@@ -194,3 +194,24 @@ def test_attention_paths_agree_explicit_for_short_bf16_training_sdpa_otherwise(m
     assert explicit.requires_grad
     assert torch.allclose(explicit.float(), reference, atol=0.03)
     assert torch.allclose(explicit.float(), sdpa_bf16.float(), atol=0.03)
+
+
+def test_closed_form_attention_over_two_layers_equals_the_generic_causal_attention():
+    from hilt.model import MultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 2, dropout=0.5, short=True).eval()
+    q, k, v = (torch.randn(5, 2, 2, 8) for _ in range(3))  # (N, H, W=2, D)
+    generic = attn.causal_weights(q, k) @ v
+    assert torch.allclose(attn.causal_pair_attention(q, k, v), generic, atol=1e-6)
+    # training: every output is its row's weights, each kept (scaled by 1 / (1 - p)) or dropped, times v
+    attn.train()
+    torch.manual_seed(1)
+    out = attn.causal_pair_attention(q, k, v)
+    a = attn.causal_weights(q, k)[:, :, 1, 1:]  # (N, H, 1): v1's weight for query 1
+    y0_options = torch.stack([torch.zeros_like(v[:, :, 0]), 2 * v[:, :, 0]])
+    assert ((out[:, :, 0] - y0_options).abs().amax(-1) < 1e-5).any(0).all()
+    y1_options = torch.stack(
+        [2 * w0 * v[:, :, 0] + 2 * w1 * v[:, :, 1] for w0 in (0, 1 - a) for w1 in (0, a)]
+    )  # the four keep/drop combinations of query 1's two weights
+    assert ((out[:, :, 1] - y1_options).abs().amax(-1) < 1e-5).any(0).all()

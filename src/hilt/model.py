@@ -180,6 +180,9 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (
             t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v)
         )  # (B, H, T, D)
+        if self.short and T == 2 and cache is None:
+            y = self.causal_pair_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+            return self.resid_dropout(self.proj(y))
         if cache is None and (self.short or _explicit_attention_is_faster(q)):
             weights = self.causal_weights(q, k)  # (B, H, T, T)
             if self.short:  # the ILTs keep the design's dropout on attention weights (main layers: see below)
@@ -202,6 +205,23 @@ class MultiHeadAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    def causal_pair_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention over exactly two positions (an ILT's default window), in closed form: position 0 sees
+        only itself (weight 1), and position 1's softmax over two scores is a sigmoid of their difference. The
+        same result as ``causal_weights(q, k) @ v`` (dropout included) in a few elementwise ops, where the
+        generic path pays for a softmax over rows of two and batched 2 x 2 matmuls."""
+        q1, (k0, k1), (v0, v1) = q[:, :, 1], k.unbind(2), v.unbind(2)  # each (B, H, D)
+        a = torch.sigmoid(
+            (q1 * (k1 - k0)).sum(-1, keepdim=True) * q.size(-1) ** -0.5
+        )  # (B, H, 1): v1's weight
+        if not (self.training and self.dropout):
+            return torch.stack([v0, torch.lerp(v0, v1, a)], dim=2)  # (B, H, 2, D)
+        # dropout on the three non-zero weights (1; 1 - a, a), as F.dropout would drop them in the 2 x 2 matrix
+        keep = F.dropout(q.new_ones(*a.shape[:-1], 3), self.dropout)  # (B, H, 3): 0 or 1 / (1 - p)
+        y0 = v0 * keep[..., 0:1]
+        y1 = v0 * ((1 - a) * keep[..., 1:2]) + v1 * (a * keep[..., 2:3])
+        return torch.stack([y0, y1], dim=2)
 
     @staticmethod
     def causal_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
