@@ -131,6 +131,20 @@ def test_greedy_200_tokens_identical_with_and_without_cache_across_the_sliding_w
     assert torch.equal(cached, uncached)
 
 
+def test_bf16_head_decodes_from_bf16_logits_and_the_cache_still_changes_nothing():
+    import torch.nn.functional as F
+
+    model = tiny_model(max_seq_len=32)
+    ids = torch.randint(0, 97, (1, 5))
+    out = greedy(model, ids, 40, use_cache=True, head_dtype=torch.bfloat16)
+    assert torch.equal(out, greedy(model, ids, 40, use_cache=False, head_dtype=torch.bfloat16))
+    with torch.no_grad():  # every token is the argmax of the bf16 head over the fp32 features
+        for n in range(5, 25):  # within the first window, so plain features of the prefix are the context
+            hidden = model.features(out[:, :n])[:, -1]
+            logits = F.linear(hidden.bfloat16(), model.head.weight.bfloat16())
+            assert out[0, n] == logits.float().argmax(-1)
+
+
 def test_beam_search_identical_with_and_without_cache():
     model = tiny_model(max_seq_len=32)
     ids = torch.randint(0, 97, (1, 5))
@@ -265,6 +279,20 @@ def test_cli_greedy_is_the_same_with_and_without_cache_and_seeds_repeat(checkpoi
     assert first.count("--- sample ") == 2
     code, beams, _ = run_cli(capsys, *base, "--use_beam_search", "--beam_width", "3", "--use_cache")
     assert code == 0 and beams.startswith("There was")
+
+
+def test_cli_runs_the_head_in_trainings_autocast_dtype_and_no_amp_keeps_fp32(checkpoint, capsys, monkeypatch):
+    import hilt.generate as generate_module
+    from hilt.device import autocast_dtype
+
+    seen = []
+    real = generate_module.stream_tokens
+    monkeypatch.setattr(
+        generate_module, "stream_tokens", lambda *a, **k: seen.append(k["head_dtype"]) or real(*a, **k)
+    )
+    base = ["--model_path", checkpoint, "--max_len", "3", "--device", "cpu"]
+    assert run_cli(capsys, *base)[0] == run_cli(capsys, *base, "--no_amp")[0] == 0
+    assert seen == [autocast_dtype(torch.device("cpu")), None]
 
 
 def test_cli_empty_prompt_starts_from_bos(checkpoint, capsys):
