@@ -203,11 +203,12 @@ def test_closed_form_attention_over_two_layers_equals_the_generic_causal_attenti
     attn = MultiHeadAttention(16, 2, dropout=0.5, short=True).eval()
     q, k, v = (torch.randn(5, 2, 2, 8) for _ in range(3))  # (N, H, W=2, D)
     generic = attn.causal_weights(q, k) @ v
-    assert torch.allclose(attn.causal_pair_attention(q, k, v), generic, atol=1e-6)
+    pair = attn.causal_pair_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert torch.allclose(pair, generic, atol=1e-6)
     # training: every output is its row's weights, each kept (scaled by 1 / (1 - p)) or dropped, times v
     attn.train()
     torch.manual_seed(1)
-    out = attn.causal_pair_attention(q, k, v)
+    out = attn.causal_pair_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     a = attn.causal_weights(q, k)[:, :, 1, 1:]  # (N, H, 1): v1's weight for query 1
     y0_options = torch.stack([torch.zeros_like(v[:, :, 0]), 2 * v[:, :, 0]])
     assert ((out[:, :, 0] - y0_options).abs().amax(-1) < 1e-5).any(0).all()

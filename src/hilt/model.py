@@ -176,13 +176,13 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (
-            t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v)
-        )  # (B, H, T, D)
+        H = self.n_heads
+        qkv = self.qkv(x)
         if self.short and T == 2 and cache is None:
-            y = self.causal_pair_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
-            return self.resid_dropout(self.proj(y))
+            # q, k, v as (B, T, H, D) views and the result in that layout too: no transposes, no copies
+            y = self.causal_pair_attention(*qkv.view(B, T, 3, H, C // H).unbind(2))
+            return self.resid_dropout(self.proj(y.view(B, T, C)))
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=2))  # (B, H, T, D)
         if cache is None and (self.short or _explicit_attention_is_faster(q)):
             weights = self.causal_weights(q, k)  # (B, H, T, T)
             if self.short:  # the ILTs keep the design's dropout on attention weights (main layers: see below)
@@ -208,20 +208,21 @@ class MultiHeadAttention(nn.Module):
 
     def causal_pair_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention over exactly two positions (an ILT's default window), in closed form: position 0 sees
-        only itself (weight 1), and position 1's softmax over two scores is a sigmoid of their difference. The
-        same result as ``causal_weights(q, k) @ v`` (dropout included) in a few elementwise ops, where the
-        generic path pays for a softmax over rows of two and batched 2 x 2 matmuls."""
-        q1, (k0, k1), (v0, v1) = q[:, :, 1], k.unbind(2), v.unbind(2)  # each (B, H, D)
+        only itself (weight 1), and position 1's softmax over two scores is a sigmoid of their difference.
+        q, k, v and the result are (B, 2, H, D). The same as ``causal_weights`` applied to v (dropout included)
+        in a few elementwise ops, where the generic path pays for a softmax over rows of two and batched 2 x 2
+        matmuls."""
+        q1, (k0, k1), (v0, v1) = q[:, 1], k.unbind(1), v.unbind(1)  # each (B, H, D)
         a = torch.sigmoid(
             (q1 * (k1 - k0)).sum(-1, keepdim=True) * q.size(-1) ** -0.5
         )  # (B, H, 1): v1's weight
         if not (self.training and self.dropout):
-            return torch.stack([v0, torch.lerp(v0, v1, a)], dim=2)  # (B, H, 2, D)
+            return torch.stack([v0, torch.lerp(v0, v1, a)], dim=1)
         # dropout on the three non-zero weights (1; 1 - a, a), as F.dropout would drop them in the 2 x 2 matrix
         keep = F.dropout(q.new_ones(*a.shape[:-1], 3), self.dropout)  # (B, H, 3): 0 or 1 / (1 - p)
         y0 = v0 * keep[..., 0:1]
         y1 = v0 * ((1 - a) * keep[..., 1:2]) + v1 * (a * keep[..., 2:3])
-        return torch.stack([y0, y1], dim=2)
+        return torch.stack([y0, y1], dim=1)
 
     @staticmethod
     def causal_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
