@@ -216,3 +216,17 @@ def test_closed_form_attention_over_two_layers_equals_the_generic_causal_attenti
         [2 * w0 * v[:, :, 0] + 2 * w1 * v[:, :, 1] for w0 in (0, 1 - a) for w1 in (0, a)]
     )  # the four keep/drop combinations of query 1's two weights
     assert ((out[:, :, 1] - y1_options).abs().amax(-1) < 1e-5).any(0).all()
+
+
+def test_dropout_zeroes_a_fraction_p_scales_the_rest_and_its_gradient_follows_the_mask():
+    from hilt.model import Dropout
+
+    drop = Dropout(0.25)
+    x = torch.ones(400, 500, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # 200,000 draws: sd of the fraction ~0.001
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.75))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.75)
+    assert torch.equal(drop.eval()(x), x)
