@@ -136,7 +136,9 @@ class Dropout(nn.Dropout):
     bf16 2048 x 256 tensor: 3.4 -> 2.5 ms; the whole step -3%). Elsewhere (CUDA) torch's fused kernel stays."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.p) or x.device.type != "cpu":
+        if not (self.training and self.p):
+            return x  # evaluation and decoding: not even a call into torch
+        if x.device.type != "cpu":
             return super().forward(x)
         keep = torch.rand(x.shape, device=x.device) >= self.p  # P(keep) = 1 - p exactly
         return x * keep * (1.0 / (1.0 - self.p))
@@ -173,8 +175,10 @@ def _explicit_attention_is_faster(q: torch.Tensor) -> bool:
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention through torch's fused SDPA kernel, with an optional KV cache.
 
-    ``short=True`` is for sequences of a handful of positions (an ILT's window of layers): there, two small
-    batched matmuls and a softmax beat SDPA's per-problem overhead (benchmarks/bench.py measures the ILT cost).
+    ``short=True`` is for sequences of a handful of positions (an ILT's window of layers), where SDPA's
+    per-problem overhead dominates: a window of two is attended in closed form (``causal_pair_attention``),
+    longer ones by two small batched matmuls and a softmax. The main layers take that explicit path too for short
+    bf16 sequences in CPU training (``EXPLICIT_ATTENTION_MAX_LEN``).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float, short: bool = False):
