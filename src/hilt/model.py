@@ -197,7 +197,7 @@ class MultiHeadAttention(nn.Module):
         if self.short and T == 2 and cache is None:
             # q, k, v as (B, T, H, D) views and the result in that layout too: no transposes, no copies
             y = self.causal_pair_attention(*qkv.view(B, T, 3, H, C // H).unbind(2))
-            return self.resid_dropout(self.proj(y.view(B, T, C)))
+            return self.resid_dropout(self.proj(y.reshape(B, T, C)))
         q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=2))  # (B, H, T, D)
         if cache is None and (self.short or _explicit_attention_is_faster(q)):
             weights = self.causal_weights(q, k)  # (B, H, T, T)
