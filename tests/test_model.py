@@ -226,7 +226,10 @@ def test_dropout_zeroes_a_fraction_p_scales_the_rest_and_its_gradient_follows_th
     y = drop(x)
     kept = y != 0
     assert abs(kept.float().mean().item() - 0.75) < 0.01  # 200,000 draws: sd of the fraction ~0.001
+    # four 16-bit values come from each 64-bit draw: none of the four lanes may be biased
+    assert (kept.view(-1, 4).float().mean(0) - 0.75).abs().max() < 0.01
     assert torch.allclose(y[kept], torch.tensor(1 / 0.75))
     y.sum().backward()
     assert torch.equal(x.grad, kept.float() / 0.75)
     assert torch.equal(drop.eval()(x), x)
+    assert drop.train()(torch.ones(3, 5)).shape == (3, 5)  # a size that is no multiple of four

