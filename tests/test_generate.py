@@ -327,7 +327,7 @@ def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(checkpoint, capsys)
         (["--top_k", "0"], "--top_k must be >= 1"),
         (["--beam_width", "0", "--use_beam_search"], "--beam_width must be >= 1"),
         (["--max_len", "0"], "--max_len must be >= 1"),
-        (["--model_dim", "128"], "--model_dim 128 contradicts"),
+        (["--model_dim", "128"], "another architecture: d_model=128"),
     ],
 )
 def test_cli_bad_flags_are_one_clear_line(checkpoint, capsys, flags, message):

@@ -90,6 +90,42 @@ def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> Hierar
     return model
 
 
+def check_tokenizer(ckpt: dict, tokenizer, path: str | Path) -> None:
+    """The tokenizer about to be used must be the one the checkpoint was trained with."""
+    if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer.name:
+        raise UserError(f"{path} was trained with tokenizer {ckpt['tokenizer']}, not {tokenizer.name}")
+
+
+def check_architecture_flags(config: ModelConfig, requested: dict, source: str | Path) -> None:
+    """Flags that name an architecture different from the checkpoint's are an error, not silently ignored."""
+    stored = config.to_dict()
+    clashes = [
+        f"{k}={v} (checkpoint has {stored[k]})"
+        for k, v in requested.items()
+        if v is not None and stored[k] != v
+    ]
+    if clashes:
+        raise UserError(
+            f"{source} was trained with another architecture: {', '.join(clashes)}; drop those flags"
+        )
+
+
+def load_model_and_tokenizer(path: str | Path, device: torch.device):
+    """(model in eval mode on ``device``, the tokenizer it was trained with, the checkpoint dict): what
+    generation, evaluation and inspection start from."""
+    from hilt.tokenizer import Tokenizer
+
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path)
+    tokenizer = Tokenizer.load((ckpt.get("train_config") or {}).get("tokenizer"))
+    check_tokenizer(ckpt, tokenizer, path)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise UserError(
+            f"{path} has a vocabulary of {model.config.vocab_size} ids; its tokenizer has {tokenizer.vocab_size}"
+        )
+    return model.to(device).eval(), tokenizer, ckpt
+
+
 # --- RNG state as tensors and numbers, so it survives weights_only loading ----------------------------------
 
 

@@ -14,13 +14,12 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hilt.checkpoint import load_checkpoint, model_from_checkpoint
+from hilt.checkpoint import load_model_and_tokenizer
 from hilt.data import tokenize_file, train_val_tokens
 from hilt.device import autocast_dtype, resolve_device
 from hilt.errors import UserError
@@ -29,20 +28,6 @@ from hilt.model import HierarchicalTransformer
 from hilt.tokenizer import Tokenizer
 
 SPLITS = ("all", "train", "val")
-
-
-def load_model_and_tokenizer(path: str | Path, device: torch.device):
-    """(model in eval mode on ``device``, the tokenizer it was trained with, the checkpoint dict)."""
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)
-    tokenizer = Tokenizer.load((ckpt.get("train_config") or {}).get("tokenizer"))
-    if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer.name:
-        raise UserError(f"{path} was trained with tokenizer {ckpt['tokenizer']}, not {tokenizer.name}")
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise UserError(
-            f"{path} has a vocabulary of {model.config.vocab_size} ids; its tokenizer has {tokenizer.vocab_size}"
-        )
-    return model.to(device).eval(), tokenizer, ckpt
 
 
 def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int]]:

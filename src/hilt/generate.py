@@ -371,28 +371,11 @@ class GenerationConfig:
 
 def load_for_generation(cfg: GenerationConfig, device: torch.device):
     """Model (eval mode, on ``device``) and the tokenizer it was trained with, from ``cfg.model_path``."""
-    from hilt.checkpoint import load_checkpoint, model_from_checkpoint
-    from hilt.tokenizer import Tokenizer
+    from hilt.checkpoint import check_architecture_flags, load_model_and_tokenizer
 
-    ckpt = load_checkpoint(cfg.model_path)
-    model = model_from_checkpoint(ckpt, cfg.model_path)
-    if cfg.model_dim is not None and cfg.model_dim != model.config.d_model:
-        raise UserError(
-            f"--model_dim {cfg.model_dim} contradicts {cfg.model_path} (d_model {model.config.d_model}); "
-            "the architecture comes from the checkpoint, so drop the flag"
-        )
-    train_config = ckpt.get("train_config") or {}
-    tokenizer = Tokenizer.load(train_config.get("tokenizer"))
-    if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer.name:
-        raise UserError(
-            f"{cfg.model_path} was trained with tokenizer {ckpt['tokenizer']}, not {tokenizer.name}"
-        )
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise UserError(
-            f"{cfg.model_path} has a vocabulary of {model.config.vocab_size} ids; its tokenizer has "
-            f"{tokenizer.vocab_size}"
-        )
-    return model.to(device).eval(), tokenizer
+    model, tokenizer, _ = load_model_and_tokenizer(cfg.model_path, device)
+    check_architecture_flags(model.config, {"d_model": cfg.model_dim}, cfg.model_path)
+    return model, tokenizer
 
 
 def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str]:

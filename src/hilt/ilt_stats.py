@@ -146,8 +146,8 @@ def save_heatmap(stats: dict, path: str | Path, title: str = "") -> None:
 def run_inspect(
     model_path: str, prompt: str, out: str, device: str = "auto", modulation_scale: float | None = None
 ) -> dict:
+    from hilt.checkpoint import load_model_and_tokenizer
     from hilt.device import resolve_device
-    from hilt.evaluate import load_model_and_tokenizer
 
     torch_device = resolve_device(device)
     model, tokenizer, _ = load_model_and_tokenizer(model_path, torch_device)

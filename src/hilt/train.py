@@ -28,6 +28,8 @@ from hilt.checkpoint import (
     FORMAT_VERSION,
     atomic_save,
     capture_rng_state,
+    check_architecture_flags,
+    check_tokenizer,
     load_checkpoint,
     model_from_checkpoint,
     remove_stale_temporaries,
@@ -511,20 +513,6 @@ def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_si
     return train, val
 
 
-def check_architecture_flags(config: ModelConfig, requested: dict, source: str) -> None:
-    """Flags that name an architecture different from the checkpoint's are an error, not silently ignored."""
-    stored = config.to_dict()
-    clashes = [
-        f"{k}={v} (checkpoint has {stored[k]})"
-        for k, v in requested.items()
-        if v is not None and stored[k] != v
-    ]
-    if clashes:
-        raise UserError(
-            f"{source} was trained with another architecture: {', '.join(clashes)}; drop those flags"
-        )
-
-
 def run_training(cfg: TrainConfig, model_args: dict) -> Trainer:
     """Builds tokenizer, data, model and Trainer from the settings (resuming if asked) and trains. Under
     torchrun every rank runs this; the model is wrapped in DistributedDataParallel and rank 0 does all output."""
@@ -546,10 +534,7 @@ def _run_training(cfg: TrainConfig, model_args: dict, dist_info: distributed.Dis
     if ckpt is not None:
         model = model_from_checkpoint(ckpt, cfg.resume)
         check_architecture_flags(model.config, model_args, cfg.resume)
-        if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer.name:
-            raise UserError(
-                f"{cfg.resume} was trained with tokenizer {ckpt['tokenizer']}, not {tokenizer.name}"
-            )
+        check_tokenizer(ckpt, tokenizer, cfg.resume)
     else:
         args = {k: v for k, v in model_args.items() if v is not None}
         try:
