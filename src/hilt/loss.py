@@ -26,6 +26,12 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
+def _exact_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed -log softmax(logits)[target] through an fp32 log-sum-exp."""
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1).float()
+    return (torch.logsumexp(logits.float(), dim=-1) - target_logits).sum()
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum over tokens of -log softmax(hidden @ weight^T)[target]; hidden (N, C), weight (V, C), targets (N,)."""
 
@@ -38,9 +44,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.size(0), chunk):
             h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
             logits = h_c @ w.T  # (n, V) in the compute dtype
-            target_logits = logits.gather(1, t_c[:, None]).squeeze(1).float()
             if not want_grad:  # evaluation: the exact fp32 log-sum-exp
-                total += (torch.logsumexp(logits.float(), dim=-1) - target_logits).sum()
+                total += _exact_loss(logits, t_c)
                 continue
             # One softmax kernel (fp32 inside, even for bf16 logits) instead of upcast + log-sum-exp + exp:
             # measured 4.8x faster per chunk, and the softmax is the gradient we need.
@@ -49,7 +54,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if (p_target > torch.finfo(torch.float32).tiny).all():
                 total -= p_target.log().sum()  # bf16 p: within 2**-9 nats of exact per token
             else:  # a probability too small to take its log: this chunk's loss the exact way
-                total += (torch.logsumexp(logits.float(), dim=-1) - target_logits).sum()
+                total += _exact_loss(logits, t_c)
             probs[torch.arange(len(t_c), device=probs.device), t_c] -= 1.0  # d loss / d logits
             grad_h[start : start + chunk] = probs @ w
             # accumulated in the compute dtype: an fp32 running sum costs a (V x C) conversion per chunk

@@ -233,9 +233,8 @@ class MultiHeadAttention(nn.Module):
         in a few elementwise ops, where the generic path pays for a softmax over rows of two and batched 2 x 2
         matmuls."""
         q1, (k0, k1), (v0, v1) = q[:, 1], k.unbind(1), v.unbind(1)  # each (B, H, D)
-        a = torch.sigmoid(
-            (q1 * (k1 - k0)).sum(-1, keepdim=True) * q.size(-1) ** -0.5
-        )  # (B, H, 1): v1's weight
+        score_gap = (q1 * (k1 - k0)).sum(-1, keepdim=True) * q.size(-1) ** -0.5  # (B, H, 1): s11 - s10
+        a = torch.sigmoid(score_gap)  # query 1's weight on v1
         if not (self.training and self.dropout):
             return torch.stack([v0, torch.lerp(v0, v1, a)], dim=1)
         # dropout on the three non-zero weights (1; 1 - a, a), as F.dropout would drop them in the 2 x 2 matrix
