@@ -14,15 +14,6 @@ from hilt.train import TrainConfig, Trainer, run_training
 from tests.conftest import DATA_TXT, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second OpenMP thread only adds synchronisation (and stalls badly on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("n, seq_len, stride", [(10, 4, 2), (50, 8, 8), (50, 8, 3), (37, 8, 1), (6, 8, 4)])
 def test_sliding_windows_score_every_target_once_with_enough_context(n, seq_len, stride):
     windows = sliding_windows(n, seq_len, stride)

@@ -14,15 +14,6 @@ from hilt.train import TrainConfig, Trainer
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second OpenMP thread only adds synchronisation (and stalls badly on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_attention_weights_reproduce_the_fused_attention_output():
     model = HierarchicalTransformer(tiny_config(ilt_window=3)).eval()
     attn = model.ilts[0].layers[0].attn
