@@ -68,6 +68,16 @@ class Contestant:
         self.times.append(time.perf_counter() - t0)
 
 
+def take_turns(contestants: list[Contestant], x, y, warmup: int, steps: int) -> None:
+    """warmup + steps rounds of one step per contestant, in turn; only the last ``steps`` are timed."""
+    for i in range(warmup + steps):
+        for c in contestants:
+            c.step(x, y)
+            if i < warmup:
+                c.times.clear()
+        print(f"  training round {i + 1}/{warmup + steps}", file=sys.stderr, end="\r")
+
+
 def hf_gpt2(d_model=256, n_layers=6, n_heads=8):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -127,21 +137,13 @@ def bench_training(args) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (args.batch_size, args.seq_len + 1), generator=g)
     x, y = x[:, :-1], x[:, 1:]
-    for i in range(args.warmup + args.steps):
-        for c in contestants:  # alternate: one step each, in turn
-            c.step(x, y)
-            if i < args.warmup:
-                c.times.clear()
-        print(f"  training round {i + 1}/{args.warmup + args.steps}", file=sys.stderr, end="\r")
+    take_turns(contestants, x, y, args.warmup, args.steps)
     # Each contestant's speed depends on who ran before it (allocator and cache state): HF fp32 measured
     # 715-985 tokens/s depending on the company. So the references are also timed alone, and every ratio is
     # taken against the faster of the two HF figures.
     for c in [c for c in contestants if c.name.startswith("HF")]:
         alone = Contestant(f"{c.name}, alone", c.model, c.amp_dtype, c.flops_per_token, c.loss_fn)
-        for i in range(args.warmup + args.steps):
-            alone.step(x, y)
-            if i < args.warmup:
-                alone.times.clear()
+        take_turns([alone], x, y, args.warmup, args.steps)
         contestants.append(alone)
     peaks = {None: matmul_peak(torch.float32), torch.bfloat16: matmul_peak(torch.bfloat16)}
     tokens = args.batch_size * args.seq_len
