@@ -165,8 +165,8 @@ def bench_training(args) -> list[dict]:
 def bench_generation(args) -> list[dict]:
     """Batch-1 greedy decoding with the cache; rows in the order printed."""
     # what `hilt generate` uses here by default
-    head_dtype = autocast_dtype(torch.device("cpu"), use_amp=True)
-    label = str(head_dtype).replace("torch.", "") if head_dtype else "fp32"
+    compute_dtype = autocast_dtype(torch.device("cpu"), use_amp=True)
+    label = str(compute_dtype).replace("torch.", "") if compute_dtype else "fp32"
     torch.manual_seed(0)
     hilt = HierarchicalTransformer(ModelConfig(vocab_size=VOCAB)).eval()
     plain = HierarchicalTransformer(ModelConfig(vocab_size=VOCAB, n_layers_ilt=0)).eval()
@@ -176,7 +176,7 @@ def bench_generation(args) -> list[dict]:
     n = args.new_tokens
 
     def hilt_run(model, dtype):
-        return lambda: generate(model, prompt, n, temperature=0, use_cache=True, head_dtype=dtype)
+        return lambda: generate(model, prompt, n, temperature=0, use_cache=True, compute_dtype=dtype)
 
     def hf_run(model):
         return lambda: model.generate(
@@ -191,9 +191,9 @@ def bench_generation(args) -> list[dict]:
         )
 
     contestants = {
-        f"HILT generate (ILTs on, {label} head: the default)": hilt_run(hilt, head_dtype),
+        f"HILT generate (ILTs on, {label} head: the default)": hilt_run(hilt, compute_dtype),
         "HILT generate (ILTs on, fp32: --no_amp)": hilt_run(hilt, None),
-        f"HILT generate (n_layers_ilt=0, {label} head)": hilt_run(plain, head_dtype),
+        f"HILT generate (n_layers_ilt=0, {label} head)": hilt_run(plain, compute_dtype),
         "HF GPT2LMHeadModel.generate (fp32)": hf_run(hf),
         "HF GPT2LMHeadModel.generate (bf16 weights)": hf_run(hf_bf16),
     }

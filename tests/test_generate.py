@@ -131,18 +131,42 @@ def test_greedy_200_tokens_identical_with_and_without_cache_across_the_sliding_w
     assert torch.equal(cached, uncached)
 
 
-def test_bf16_head_decodes_from_bf16_logits_and_the_cache_still_changes_nothing():
+def test_bf16_decoding_computes_what_trainings_autocast_computes_and_the_cache_changes_nothing():
     import torch.nn.functional as F
 
     model = tiny_model(max_seq_len=32)
     ids = torch.randint(0, 97, (1, 5))
-    out = greedy(model, ids, 40, use_cache=True, head_dtype=torch.bfloat16)
-    assert torch.equal(out, greedy(model, ids, 40, use_cache=False, head_dtype=torch.bfloat16))
-    with torch.no_grad():  # every token is the argmax of the bf16 head over the fp32 features
+    out = greedy(model, ids, 40, use_cache=True, compute_dtype=torch.bfloat16)
+    assert torch.equal(out, greedy(model, ids, 40, use_cache=False, compute_dtype=torch.bfloat16))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         for n in range(5, 25):  # within the first window, so plain features of the prefix are the context
             hidden = model.features(out[:, :n])[:, -1]
             logits = F.linear(hidden.bfloat16(), model.head.weight.bfloat16())
             assert out[0, n] == logits.float().argmax(-1)
+
+
+def test_lowered_copy_matches_autocast_exactly_and_leaves_the_model_alone():
+    from hilt.generate import lowered_copy
+
+    model = tiny_model().train()
+    before = {name: (p.dtype, p.data_ptr(), p.clone()) for name, p in model.named_parameters()}
+    lowered = lowered_copy(model, torch.bfloat16)
+    assert not lowered.training and model.training
+    assert lowered.layers[0].ff.fc.weight.dtype == lowered.ilts[0].proj_in.weight.dtype == torch.bfloat16
+    # the embedding (tied to the head) and the norms are shared, not copied
+    assert (
+        lowered.embed.weight is model.embed.weight
+        and lowered.layers[0].ln1.weight is model.layers[0].ln1.weight
+    )
+    for name, p in model.named_parameters():
+        dtype, ptr, values = before[name]
+        assert (p.dtype, p.data_ptr()) == (dtype, ptr) and torch.equal(p, values)
+    ids = torch.randint(0, 97, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            expected = model.features(ids)
+        assert torch.equal(lowered.features(ids), expected)
 
 
 def test_beam_search_identical_with_and_without_cache():
@@ -288,7 +312,7 @@ def test_cli_runs_the_head_in_trainings_autocast_dtype_and_no_amp_keeps_fp32(che
     seen = []
     real = generate_module.stream_tokens
     monkeypatch.setattr(
-        generate_module, "stream_tokens", lambda *a, **k: seen.append(k["head_dtype"]) or real(*a, **k)
+        generate_module, "stream_tokens", lambda *a, **k: seen.append(k["compute_dtype"]) or real(*a, **k)
     )
     base = ["--model_path", checkpoint, "--max_len", "3", "--device", "cpu"]
     assert run_cli(capsys, *base)[0] == run_cli(capsys, *base, "--no_amp")[0] == 0

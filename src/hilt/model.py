@@ -176,6 +176,18 @@ def _explicit_attention_is_faster(q: torch.Tensor) -> bool:
     )
 
 
+class Linear(nn.Linear):
+    """nn.Linear that also runs with weights narrower than its input, computing in the weights' dtype as autocast
+    would: generation keeps bf16 copies of the matrices (``hilt.generate``) while the residual stream, the norms
+    and the embedding stay fp32, so decoding computes what bf16 training computed without casting every weight
+    at every token."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.weight.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention through torch's fused SDPA kernel, with an optional KV cache.
 
@@ -189,8 +201,8 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.short = short
-        self.qkv = nn.Linear(d_model, 3 * d_model)  # one fused projection for q, k and v
-        self.proj = nn.Linear(d_model, d_model)
+        self.qkv = Linear(d_model, 3 * d_model)  # one fused projection for q, k and v
+        self.proj = Linear(d_model, d_model)
         self.dropout = dropout
         self.resid_dropout = Dropout(dropout)
 
@@ -255,8 +267,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, dropout: float):
         super().__init__()
-        self.fc = nn.Linear(d_model, d_ff)
-        self.proj = nn.Linear(d_ff, d_model)
+        self.fc = Linear(d_model, d_ff)
+        self.proj = Linear(d_ff, d_model)
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,13 +331,13 @@ class InterLayerTransformer(nn.Module):
         super().__init__()
         # the ilt_gate variant: a learned scalar that the caller uses instead of modulation_scale
         self.gate = nn.Parameter(torch.tensor(float(gate))) if gate is not None else None
-        self.proj_in = nn.Linear(d_model, ilt_dim)
+        self.proj_in = Linear(d_model, ilt_dim)
         self.ln = nn.LayerNorm(ilt_dim)
         self.layers = nn.ModuleList(
             TransformerLayer(ilt_dim, n_heads, 4 * ilt_dim, dropout, short=True) for _ in range(n_layers)
         )
         self.dropout = Dropout(dropout)
-        self.proj_out = nn.Linear(ilt_dim, d_model)
+        self.proj_out = Linear(ilt_dim, d_model)
 
     def forward(self, window: list[torch.Tensor]) -> torch.Tensor:
         """window: the latest layer outputs, oldest first, each (B, T, C). Returns the modulation (B, T, C)."""
