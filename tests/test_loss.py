@@ -26,6 +26,16 @@ def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy_in_fp32(monkey
     assert torch.allclose(g_h, hidden.grad, atol=1e-5) and torch.allclose(g_w, weight.grad, atol=1e-5)
 
 
+def test_a_second_backward_through_a_retained_graph_gives_the_same_gradients():
+    hidden = torch.randn(23, 16, requires_grad=True)
+    weight = torch.randn(97, 16, requires_grad=True)
+    loss = chunked_cross_entropy(hidden, weight, torch.randint(0, 97, (23,))) * 0.5
+    loss.backward(retain_graph=True)
+    first = hidden.grad.clone(), weight.grad.clone()
+    loss.backward()  # accumulates: exactly twice the first gradients if nothing saved was modified
+    assert torch.allclose(hidden.grad, 2 * first[0]) and torch.allclose(weight.grad, 2 * first[1])
+
+
 def test_chunked_loss_under_bf16_autocast_matches_bf16_logits():
     hidden, weight = torch.randn(40, 32), torch.randn(97, 32)
     targets = torch.randint(0, 97, (40,))

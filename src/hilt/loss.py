@@ -41,20 +41,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_grad else None
         grad_w = torch.zeros_like(w) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # One buffer holds every chunk's logits, and the softmax overwrites them in place: a fresh 50 MB tensor
+        # comes from the OS as pages that fault in on first touch, which cost more than the work itself
+        # (measured per 512-token bf16 chunk on CPU: logits matmul 51 -> 37 ms, softmax 30 -> 9 ms).
+        buffer = h.new_empty(min(chunk, h.size(0)), w.size(0))
         for start in range(0, h.size(0), chunk):
             h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
-            logits = h_c @ w.T  # (n, V) in the compute dtype
+            logits = torch.mm(h_c, w.T, out=buffer[: h_c.size(0)])  # (n, V) in the compute dtype
             if not want_grad:  # evaluation: the exact fp32 log-sum-exp
                 total += _exact_loss(logits, t_c)
                 continue
             # One softmax kernel (fp32 inside, even for bf16 logits) instead of upcast + log-sum-exp + exp:
             # measured 4.8x faster per chunk, and the softmax is the gradient we need.
-            probs = torch.softmax(logits, dim=-1)
+            probs = torch.softmax(logits, dim=-1, out=logits)
             p_target = probs.gather(1, t_c[:, None]).squeeze(1).float()
             if (p_target > torch.finfo(torch.float32).tiny).all():
                 total -= p_target.log().sum()  # bf16 p: within 2**-9 nats of exact per token
-            else:  # a probability too small to take its log: this chunk's loss the exact way
-                total += _exact_loss(logits, t_c)
+            else:  # a probability too small to take its log: this chunk's loss the exact way, from new logits
+                total += _exact_loss(h_c @ w.T, t_c)
             probs[torch.arange(len(t_c), device=probs.device), t_c] -= 1.0  # d loss / d logits
             grad_h[start : start + chunk] = probs @ w
             # accumulated in the compute dtype: an fp32 running sum costs a (V x C) conversion per chunk
@@ -67,8 +71,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
         return (
-            (grad_h * grad_total).to(ctx.hidden_dtype),
-            (grad_w * grad_total).to(ctx.weight_dtype),
+            # scaled after the cast (in the wider dtype, no intermediate (V x C) tensor), on a copy: the saved
+            # gradients must survive a second backward (retain_graph)
+            grad_h.to(ctx.hidden_dtype, copy=True).mul_(grad_total),
+            grad_w.to(ctx.weight_dtype, copy=True).mul_(grad_total),
             None,
             None,
             None,
