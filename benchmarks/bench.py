@@ -311,8 +311,8 @@ def main() -> None:
     if args.quality_steps:
         q = quality(args)
         print(
-            f"\nVal loss after {args.quality_steps} steps on data.txt: bf16 {q['bf16']:.4f}, fp32 {q['fp32']:.4f} "
-            f"({(q['bf16'] - q['fp32']) / q['fp32']:+.2%})"
+            f"\nVal loss after {args.quality_steps} steps on data.txt: bf16 {q['bf16']:.5f}, fp32 {q['fp32']:.5f} "
+            f"({(q['bf16'] - q['fp32']) / q['fp32']:+.3%})"
         )
 
 
