@@ -169,6 +169,34 @@ def test_lowered_copy_matches_autocast_exactly_and_leaves_the_model_alone():
         assert torch.equal(lowered.features(ids), expected)
 
 
+def test_single_row_steps_run_without_onednn_and_the_setting_comes_back(monkeypatch):
+    from hilt import generate as generate_module
+
+    seen = []  # (rows, oneDNN on?) of every model call
+    real = generate_module.lowered_copy
+
+    def spying_copy(model, dtype):
+        lowered = real(model, dtype)
+        features = lowered.features
+        monkeypatch.setattr(
+            lowered,
+            "features",
+            lambda ids, **k: seen.append((ids.numel(), torch.backends.mkldnn.enabled)) or features(ids, **k),
+        )
+        return lowered
+
+    monkeypatch.setattr(generate_module, "lowered_copy", spying_copy)
+    before = torch.backends.mkldnn.enabled
+    steps = stream_tokens(
+        tiny_model(), torch.randint(0, 97, (1, 5)), 4, temperature=0, compute_dtype=torch.bfloat16
+    )
+    next(steps), next(steps)
+    assert torch.backends.mkldnn.enabled == before  # between steps, while the caller holds the stream
+    list(steps)
+    assert seen == [(5, before), (1, False), (1, False), (1, False)]  # the prefill keeps oneDNN
+    assert torch.backends.mkldnn.enabled == before
+
+
 def test_beam_search_identical_with_and_without_cache():
     model = tiny_model(max_seq_len=32)
     ids = torch.randint(0, 97, (1, 5))

@@ -118,8 +118,8 @@ def lowered_copy(model: HierarchicalTransformer, dtype: torch.dtype) -> Hierarch
 @contextmanager
 def _without_onednn(device: torch.device, rows: int) -> Iterator[None]:
     """torch runs CPU bf16 matmuls through oneDNN, which spends ~50 us setting up each matrix-vector product,
-    where torch's own GEMV kernel streams the weights at memory speed (decoding one sequence, measured: 118 ->
-    205 tokens/s; the LM head alone 1.25 -> 0.96 ms). From a few rows on oneDNN is faster (4 rows: 35 vs 56 us;
+    where torch's own GEMV kernel streams the weights at memory speed (decoding one sequence with bf16 weights,
+    measured: 120 tokens/s with oneDNN, 205 without; the LM head alone 1.25 -> 0.96 ms). From a few rows on oneDNN is faster (4 rows: 35 vs 56 us;
     1024 rows: 1.1 vs 14 ms), so only single-row steps go without it. The switch is process-wide: decoding in
     one thread while another trains in bf16 would slow that training down for the duration of each step."""
     if device.type != "cpu" or rows != 1 or not torch.backends.mkldnn.enabled:
