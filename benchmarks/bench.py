@@ -1,7 +1,7 @@
 """HILT against Hugging Face GPT-2 of the same shape, measured side by side in one process.
 
-    .venv/bin/python benchmarks/bench.py                 # the README table (~5 min on 2 CPU cores)
-    .venv/bin/python benchmarks/bench.py --quality_steps 150   # also: does bf16 train as well as fp32?
+    .venv/bin/python benchmarks/bench.py                       # the README table (~9 min on 2 CPU cores)
+    .venv/bin/python benchmarks/bench.py --quality_steps 100   # also: does bf16 train as well as fp32? (~8 more)
 
 Training contestants take turns step by step (so drifts in machine speed hit all of them alike); each figure is the
 median over --steps timed steps after --warmup untimed ones. FLOPs come from hilt.flops (PaLM's convention), and
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from hilt.device import autocast_dtype
 from hilt.flops import training_flops_per_token
-from hilt.generate import generate
+from hilt.generate import generate, onednn_disabled
 from hilt.loss import LanguageModelLoss
 from hilt.model import HierarchicalTransformer, ModelConfig
 from hilt.train import TrainConfig, build_optimizer
@@ -180,9 +180,7 @@ def bench_generation(args) -> list[dict]:
 
     def hf_run(model, onednn=True):
         def run():
-            before = torch.backends.mkldnn.enabled
-            torch.backends.mkldnn.enabled = onednn and before
-            try:
+            with contextlib.nullcontext() if onednn else onednn_disabled():
                 model.generate(
                     prompt,
                     max_new_tokens=n,
@@ -193,8 +191,6 @@ def bench_generation(args) -> list[dict]:
                     pad_token_id=0,
                     attention_mask=torch.ones_like(prompt),
                 )
-            finally:
-                torch.backends.mkldnn.enabled = before
 
         return run
 

@@ -346,7 +346,7 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no_amp",
         action="store_true",
-        help="LM head in fp32 (default: bf16 where the hardware supports it, as in training; ~4x faster head)",
+        help="fp32 throughout (default: bf16 matmuls where the hardware supports it, as in training)",
     )
     p.add_argument(
         "--model_dim",

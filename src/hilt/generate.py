@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -116,20 +116,24 @@ def lowered_copy(model: HierarchicalTransformer, dtype: torch.dtype) -> Hierarch
 
 
 @contextmanager
-def _without_onednn(device: torch.device, rows: int) -> Iterator[None]:
-    """torch runs CPU bf16 matmuls through oneDNN, which spends ~50 us setting up each matrix-vector product,
-    where torch's own GEMV kernel streams the weights at memory speed (decoding one sequence with bf16 weights,
-    measured: 120 tokens/s with oneDNN, 205 without; the LM head alone 1.25 -> 0.96 ms). From a few rows on oneDNN is faster (4 rows: 35 vs 56 us;
-    1024 rows: 1.1 vs 14 ms), so only single-row steps go without it. The switch is process-wide: decoding in
-    one thread while another trains in bf16 would slow that training down for the duration of each step."""
-    if device.type != "cpu" or rows != 1 or not torch.backends.mkldnn.enabled:
-        yield
-        return
+def onednn_disabled() -> Iterator[None]:
+    """torch's CPU matmuls without oneDNN until exit, when the previous setting comes back (a process-wide switch)."""
+    before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = True
+        torch.backends.mkldnn.enabled = before
+
+
+def _without_onednn(device: torch.device, rows: int) -> AbstractContextManager:
+    """torch runs CPU bf16 matmuls through oneDNN, which spends ~50 us setting up each matrix-vector product,
+    where torch's own GEMV kernel streams the weights at memory speed (decoding one sequence with bf16 weights,
+    measured: 120 tokens/s with oneDNN, 205 without; the LM head alone 1.25 -> 0.96 ms). From a few rows on oneDNN
+    is faster (4 rows: 35 vs 56 us; 1024 rows: 1.1 vs 14 ms), so only single-row steps go without it. The switch
+    is process-wide: decoding in one thread while another trains in bf16 would slow that training down for the
+    duration of each step."""
+    return onednn_disabled() if device.type == "cpu" and rows == 1 else nullcontext()
 
 
 class _Context:
