@@ -135,7 +135,10 @@ class Dropout(nn.Dropout):
     model runs 48 dropouts per training step). torch's CPU dropout makes one Mersenne-Twister draw per element
     (bernoulli_); here each 64-bit draw gives four 16-bit uniforms (measured on 524,288 elements: mask 3.1 ->
     0.7 ms; the whole step -5%). p is rounded to a multiple of 1/65536 and the scale follows it, so the expected
-    output still equals the input. Elsewhere (CUDA) torch's fused kernel stays."""
+    output still equals the input. The comparison writes the mask straight into a tensor of x's dtype: a bool mask
+    is slow to multiply with (torch casts it element by element; 0.5M bf16 values: x * bool 352 us, x * bf16 55
+    us, and the bf16 compare 66 us against 129 for the bool one), and the backward reuses the same mask. Elsewhere
+    (CUDA) torch's fused kernel stays."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.p):
@@ -144,8 +147,9 @@ class Dropout(nn.Dropout):
             return super().forward(x)
         n, dropped = x.numel(), round(self.p * 65536)  # dropped of every 65536 16-bit values
         bits = torch.randint(-(2**63), 2**63 - 1, (-(-n // 4),), dtype=torch.int64, device=x.device)
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= dropped - 32768
-        return x * keep * (65536 / (65536 - dropped))
+        keep = torch.ge(bits.view(torch.int16)[:n].view(x.shape), dropped - 32768, out=torch.empty_like(x))
+        # the scale as a Python float: a scaled mask would round 1 / (1 - p) to x's dtype (bf16: 1.1094, not 1.1111)
+        return torch.mul(x, keep).mul_(65536 / (65536 - dropped))
 
 
 def _future_mask(T: int, device: torch.device) -> torch.Tensor:
