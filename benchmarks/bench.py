@@ -6,8 +6,9 @@
 Training contestants take turns step by step (so drifts in machine speed hit all of them alike); each figure is the
 median over --steps timed steps after --warmup untimed ones. Training is measured twice, each time with one allocator
 setting for all: glibc's defaults (how a plain script, HF's included, runs) and freed memory kept (how train.py runs
-its steps, hilt.memory); HF gains far more from the second (its full fp32 logits are 412 MB a step). FLOPs come from hilt.flops (PaLM's convention), and
-MFU divides achieved FLOP/s by the measured peak of a large matmul in the same dtype on the same threads.
+its steps, hilt.memory); HF gains far more from the second (its full fp32 logits are 412 MB a step). FLOPs come
+from hilt.flops (PaLM's convention), and MFU divides achieved FLOP/s by the measured peak of a large matmul in the
+same dtype on the same threads.
 """
 
 from __future__ import annotations
