@@ -1,7 +1,8 @@
 """Where the ILTs' training time goes: the default HILT step against its plain twin (n_layers_ilt=0), with the ILTs'
 non-matmul work taken away piece by piece until only their matmuls are left.
 
-    .venv/bin/python benchmarks/ilt_cost.py     # ~2 min on 2 CPU cores
+    .venv/bin/python benchmarks/ilt_cost.py             # ~2 min on 2 CPU cores
+    .venv/bin/python benchmarks/ilt_cost.py --compile   # every variant compiled as train.py --compile does
 
 Each variant runs every matmul of the ILTs at the same shapes, so the last one is the floor for the ILTs as
 designed, short of doing fewer FLOPs. Steps as in bench.py (forward + backward + AdamW, bf16 autocast where
@@ -88,11 +89,18 @@ def main() -> None:
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=15)
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile every layer and ILT, as train.py does"
+    )
     args = p.parse_args()
 
     dtype = autocast_dtype(torch.device("cpu"), use_amp=True)
     loss = lambda m, x, y: LanguageModelLoss(m)(x, y, 0.1)  # noqa: E731  # what train.py's step calls
     models = variants({"vocab_size": VOCAB})
+    if args.compile:
+        for model in models.values():
+            for module in [*model.layers, *model.ilts]:
+                module.compile()
     contestants = [Contestant(name, model, dtype, 0, loss) for name, model in models.items()]
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (args.batch_size, args.seq_len + 1), generator=g)
@@ -110,7 +118,7 @@ def main() -> None:
     n_ilts = len(models["ILTs (the defaults)"].ilts)
     plain = statistics.median(contestants[0].times)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {label}, batch {args.batch_size} x "
-          f"{args.seq_len}, median of {args.steps} steps, freed memory kept\n")  # fmt: skip
+          f"{args.seq_len}, median of {args.steps} steps, freed memory kept{', compiled' if args.compile else ''}\n")  # fmt: skip
     print("| variant | step (s) | time vs n_layers_ilt=0 | ms per ILT (fwd + bwd) |")
     print("| --- | --- | --- | --- |")
     for c in contestants:
