@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import statistics
 import subprocess
 import sys
@@ -72,10 +73,13 @@ class Contestant:
         self.times.append(time.perf_counter() - t0)
 
 
-def take_turns(contestants: list[Contestant], x, y, warmup: int, steps: int) -> None:
-    """warmup + steps rounds of one step per contestant, in turn; only the last ``steps`` are timed."""
+def take_turns(
+    contestants: list[Contestant], x, y, warmup: int, steps: int, shuffle: random.Random | None = None
+) -> None:
+    """warmup + steps rounds of one step per contestant, in turn (in a new order every round when ``shuffle`` is
+    given); only the last ``steps`` are timed."""
     for i in range(warmup + steps):
-        for c in contestants:
+        for c in shuffle.sample(contestants, len(contestants)) if shuffle else contestants:
             c.step(x, y)
             if i < warmup:
                 c.times.clear()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import VOCAB, Contestant  # noqa: E402
+from bench import VOCAB, Contestant, take_turns  # noqa: E402
 
 from hilt.device import autocast_dtype  # noqa: E402
 from hilt.loss import LanguageModelLoss  # noqa: E402
@@ -105,14 +105,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (args.batch_size, args.seq_len + 1), generator=g)
     x, y = x[:, :-1], x[:, 1:]
-    order = random.Random(0)
     with freed_memory_kept():
-        for i in range(args.warmup + args.steps):
-            for c in order.sample(contestants, len(contestants)):
-                c.step(x, y)
-                if i < args.warmup:
-                    c.times.clear()
-            print(f"  round {i + 1}/{args.warmup + args.steps}", file=sys.stderr, end="\r")
+        take_turns(contestants, x, y, args.warmup, args.steps, shuffle=random.Random(0))
 
     label = str(dtype).replace("torch.", "") if dtype else "fp32"
     n_ilts = len(models["ILTs (the defaults)"].ilts)
