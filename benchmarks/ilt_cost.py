@@ -28,6 +28,7 @@ from hilt.device import autocast_dtype  # noqa: E402
 from hilt.loss import LanguageModelLoss  # noqa: E402
 from hilt.memory import freed_memory_kept  # noqa: E402
 from hilt.model import HierarchicalTransformer, ModelConfig  # noqa: E402
+from hilt.train import compile_layers  # noqa: E402
 
 
 class _NoActivation(nn.Module):
@@ -99,8 +100,7 @@ def main() -> None:
     models = variants({"vocab_size": VOCAB})
     if args.compile:
         for model in models.values():
-            for module in [*model.layers, *model.ilts]:
-                module.compile()
+            compile_layers(model)
     contestants = [Contestant(name, model, dtype, 0, loss) for name, model in models.items()]
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (args.batch_size, args.seq_len + 1), generator=g)

@@ -521,6 +521,13 @@ def prepare_data(cfg: TrainConfig, tokenizer: Tokenizer, rank: int = 0, world_si
     return train, val
 
 
+def compile_layers(model: HierarchicalTransformer) -> None:
+    """``--compile``: torch.compile every main layer and ILT in place, one by one, so parameter names (and so
+    checkpoints) stay those of the uncompiled model."""
+    for module in [*model.layers, *model.ilts]:
+        module.compile()
+
+
 def run_training(cfg: TrainConfig, model_args: dict) -> Trainer:
     """Builds tokenizer, data, model and Trainer from the settings (resuming if asked) and trains. Under
     torchrun every rank runs this; the model is wrapped in DistributedDataParallel and rank 0 does all output."""
@@ -557,9 +564,7 @@ def _run_training(cfg: TrainConfig, model_args: dict, dist_info: distributed.Dis
         remove_stale_temporaries(out_dir)
     model.to(device)
     if cfg.compile:
-        # in place, layer by layer: parameter names (and so checkpoints) stay those of the plain model
-        for module in [*model.layers, *model.ilts]:
-            module.compile()
+        compile_layers(model)
     net = None
     if dist_info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
