@@ -1,7 +1,6 @@
 """benchmarks/ilt_cost.py: its stripped variants must keep every matmul of the ILTs, or its floor is no floor."""
 
 import importlib.util
-import sys
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tests.conftest import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
 spec = importlib.util.spec_from_file_location("ilt_cost", REPO / "benchmarks" / "ilt_cost.py")
 ilt_cost = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ilt_cost)
