@@ -1,19 +1,19 @@
 """The public command-line surface: subcommands and the flags users and scripts rely on."""
 
+import argparse
 import subprocess
 import sys
 from dataclasses import fields
 
 import pytest
 
-from hilt.cli import COMMANDS, build_parser, main
+from hilt.cli import COMMANDS, build_parser, main, subcommand_parsers
 from hilt.train import TrainConfig
 from tests.conftest import REPO
 
 
 def flags_of(command: str) -> set[str]:
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
-    return {opt for action in sub._actions for opt in action.option_strings}
+    return {opt for action in subcommand_parsers()[command]._actions for opt in action.option_strings}
 
 
 def test_subcommands():
@@ -110,3 +110,40 @@ def test_build_vocab_script_prints_the_tokenizer_facts():
     assert "Vocabulary size: 50260" in out.stdout
     for line in ("<PAD>: 50257", "<BOS>: 50258", "<EOS>: 50259", "(identical)"):
         assert line in out.stdout
+
+
+def _imports_torch(code: str, cwd) -> tuple[bool, str]:
+    """Runs ``code`` in a fresh interpreter and says whether torch ended up imported (and what it printed)."""
+    check = f"{code}\nimport sys\nprint('TORCH', 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=cwd, check=True)
+    *printed, last = out.stdout.strip().splitlines()
+    return last == "TORCH True", "\n".join(printed)
+
+
+def test_help_does_not_import_torch(tmp_path):
+    # importing torch takes seconds; `hilt --help` must stay instant
+    code = "from hilt.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+    torch_imported, printed = _imports_torch(code, tmp_path)
+    assert "prepare" in printed and "train" in printed
+    assert not torch_imported
+
+
+def test_prepare_and_vocab_do_not_import_torch(tmp_path):
+    (tmp_path / "story.txt").write_text("Once upon a time there was a tiny test.\n\nThe end.\n" * 50)
+    prepare = "from hilt.cli import main\nmain(['prepare', '--text_file', 'story.txt', '--threads', '1'])"
+    for expected in ("Built", "Up to date"):  # the first run tokenizes, the second finds the cache
+        torch_imported, printed = _imports_torch(prepare, tmp_path)
+        assert printed.splitlines()[-1].startswith(expected) and not torch_imported
+    torch_imported, printed = _imports_torch("from hilt.cli import main\nmain(['vocab'])", tmp_path)
+    assert "Vocabulary size: 50260" in printed and not torch_imported
+
+
+def test_a_subcommand_gets_only_its_own_flags_when_run():
+    # main() builds the chosen subcommand's flags only; every flag must still be there for that subcommand
+    full = subcommand_parsers()
+    for name in COMMANDS:
+        alone = build_parser(with_flags=[name])
+        sub = next(a for a in alone._actions if isinstance(a, argparse._SubParsersAction)).choices
+        assert {o for a in sub[name]._actions for o in a.option_strings} == {
+            o for a in full[name]._actions for o in a.option_strings
+        }

@@ -2,24 +2,20 @@
 call ``main`` with their subcommand.
 
 Mistakes a user can make end in one line on stderr and exit status 2; nothing on disk is touched.
+
+Importing torch takes seconds, and `hilt --help`, `hilt vocab` and `hilt prepare` do not need it: this module and
+every ``add_*`` flag builder import nothing heavy at module level, ``main`` adds the flags of the chosen subcommand
+only, and each ``cmd_*`` function imports what it runs (tests/test_cli.py checks that `hilt --help` stays
+torch-free).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from hilt.errors import UserError
-from hilt.model import (
-    ILT_DIM,
-    ILT_DROPOUT,
-    ILT_WINDOW,
-    MODULATION_SCALE_END,
-    MODULATION_SCALE_START,
-    N_LAYERS_ILT,
-    NHEAD_ILT,
-)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,73 +25,65 @@ class _Parser(argparse.ArgumentParser):
 
 # --- shared flag groups --------------------------------------------------------------------------------------
 
-# flag -> (ModelConfig field, type, help). Defaults are None so that a flag given on --resume can be checked
-# against the checkpoint; ModelConfig fills in the real defaults.
+# flag -> (ModelConfig field, type, help). The "(default ...)" of each help text comes from ModelConfig itself.
+# The flags' own defaults are None, so that a flag given on --resume can be checked against the checkpoint;
+# ModelConfig fills in the real defaults.
 MODEL_FLAGS = {
-    "--model_dim": ("d_model", int, "model width d_model (default 256)"),
-    "--n_layers": ("n_layers", int, "main transformer layers (default 6)"),
-    "--n_heads": ("n_heads", int, "attention heads (default 8)"),
+    "--model_dim": ("d_model", int, "model width d_model"),
+    "--n_layers": ("n_layers", int, "main transformer layers"),
+    "--n_heads": ("n_heads", int, "attention heads"),
     "--d_ff": ("d_ff", int, "feed-forward width (default 4 * model_dim)"),
-    "--dropout": ("dropout", float, "dropout of the main layers (default 0.1)"),
-    "--max_seq_len": ("max_seq_len", int, "longest context the positional encoding covers (default 1024)"),
-    "--n_layers_ilt": (
-        "n_layers_ilt",
-        int,
-        f"layers inside each ILT; 0 = plain transformer (default {N_LAYERS_ILT})",
-    ),
-    "--ilt_dim": ("ilt_dim", int, f"ILT width ILT_DIM (default {ILT_DIM})"),
-    "--nhead_ilt": ("nhead_ilt", int, f"ILT attention heads NHEAD_ILT (default {NHEAD_ILT})"),
-    "--ilt_dropout": ("ilt_dropout", float, f"ILT dropout ILT_DROPOUT (default {ILT_DROPOUT})"),
-    "--ilt_window": ("ilt_window", int, f"layer outputs each ILT sees (default {ILT_WINDOW})"),
-    "--modulation_scale_start": (
-        "modulation_scale_start",
-        float,
-        f"curriculum start (default {MODULATION_SCALE_START})",
-    ),
+    "--dropout": ("dropout", float, "dropout of the main layers"),
+    "--max_seq_len": ("max_seq_len", int, "longest context the positional encoding covers"),
+    "--tie_weights": ("tie_weights", bool, "share the token embedding with the LM head"),
+    "--n_layers_ilt": ("n_layers_ilt", int, "layers inside each ILT; 0 = plain transformer"),
+    "--ilt_dim": ("ilt_dim", int, "ILT width ILT_DIM"),
+    "--nhead_ilt": ("nhead_ilt", int, "ILT attention heads NHEAD_ILT"),
+    "--ilt_dropout": ("ilt_dropout", float, "ILT dropout ILT_DROPOUT"),
+    "--ilt_window": ("ilt_window", int, "layer outputs each ILT sees"),
+    "--modulation_scale_start": ("modulation_scale_start", float, "curriculum start"),
     "--modulation_scale_end": (
         "modulation_scale_end",
         float,
-        f"curriculum end, used for eval and generation (default {MODULATION_SCALE_END})",
+        "curriculum end, used for eval and generation",
     ),
     "--ilt_zero_init": (
         "ilt_zero_init",
         bool,
-        "ILT variant: zero-initialised output projection, so training starts as an exact plain transformer "
-        "(default off)",
+        "ILT variant: zero-initialised output projection, so training starts as an exact plain transformer",
     ),
     "--ilt_gate": (
         "ilt_gate",
         bool,
-        "ILT variant: a learned scale per ILT, starting at modulation_scale_start, replaces the curriculum "
-        "(default off)",
+        "ILT variant: a learned scale per ILT, starting at modulation_scale_start, replaces the curriculum",
     ),
-    "--ilt_embed": ("ilt_embed", bool, "ILT variant: each ILT also sees the token embedding (default off)"),
+    "--ilt_embed": ("ilt_embed", bool, "ILT variant: each ILT also sees the token embedding"),
 }
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from hilt.model import ModelConfig  # imports torch: only the subcommands that build a model call this
+
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
     g = p.add_argument_group(
         "model (ignored on --resume: the checkpoint's config rules; a contradicting flag is an error)"
     )
     for flag, (field, typ, help_text) in MODEL_FLAGS.items():
+        default = defaults[field]
+        if default is not None:
+            help_text += f" (default {('on' if default else 'off') if typ is bool else default})"
         if typ is bool:  # --flag / --no-flag; None when absent, like every model flag
             g.add_argument(
                 flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         else:
             g.add_argument(flag, dest=field, type=typ, default=None, help=help_text)
-    g.add_argument(
-        "--tie_weights",
-        dest="tie_weights",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="share the token embedding with the LM head (default on)",
-    )
 
 
 def model_args(args: argparse.Namespace) -> dict:
-    fields = [field for field, _, _ in MODEL_FLAGS.values()] + ["tie_weights"]
-    return {f: getattr(args, f) for f in fields}
+    return {field: getattr(args, field) for field, _, _ in MODEL_FLAGS.values()}
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -475,16 +463,33 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _build(with_flags: Collection[str] | None) -> tuple[argparse.ArgumentParser, dict]:
     parser = _Parser(prog="hilt", description="Hierarchical Transformer with Inter-Layer Transformers")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parsers = {}
     for name, (add_flags, _, help_text) in COMMANDS.items():
-        add_flags(sub.add_parser(name, help=help_text, description=help_text))
-    return parser
+        parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+        if with_flags is None or name in with_flags:
+            add_flags(parsers[name])
+    return parser, parsers
+
+
+def build_parser(with_flags: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The `hilt` parser, with the flags of the subcommands named in ``with_flags`` (default: all of them)."""
+    return _build(with_flags)[0]
+
+
+def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Each subcommand's parser with all its flags, by name (tests/test_docs.py checks them against docs/)."""
+    return _build(None)[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # the top-level parser has no options but --help, so the first other word names the subcommand; only its
+    # flags are built, since some flag builders import torch (add_model_flags)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(with_flags=[command]).parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
     except UserError as e:
