@@ -42,7 +42,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -54,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hilt.data import TokenBatches, train_val_tokens
 from hilt.flops import forward_flops_per_token, training_flops_per_token
 from hilt.ilt_stats import ilt_stats
-from hilt.model import HierarchicalTransformer, ModelConfig, MultiHeadAttention
+from hilt.model import HierarchicalTransformer, ModelConfig
 from hilt.plot import pyplot
 from hilt.tokenizer import Tokenizer
 from hilt.train import TrainConfig, Trainer
@@ -122,20 +121,13 @@ def matched_plain(base: dict, seq_len: int) -> dict:
     return best
 
 
-def _pair_attention_as_matmuls(self, q, k, v):
-    """MultiHeadAttention.causal_pair_attention as the generic weights @ v: the matmuls the convention counts."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, 2, H, D) -> (B, H, 2, D)
-    return (self.causal_weights(q, k) @ v).transpose(1, 2)
-
-
 def counted_forward_flops(config, seq_len: int) -> int:
     """torch's own count of one forward pass, per token: the check on the analytic formula. The math SDPA backend
-    spells attention out as matmuls the counter sees (it does not count the fused CPU kernel); so does the generic
-    form of the ILTs' closed-form attention over two layers."""
-    model = HierarchicalTransformer(config).eval()
+    spells attention out as matmuls the counter sees (it does not count the fused CPU kernel), and the reference
+    layers (no CPU kernels) attend over the ILTs' two layers with it too, not in closed form."""
+    model = HierarchicalTransformer(config, cpu_kernels=False).eval()
     counter = FlopCounterMode(display=False)
-    generic = mock.patch.object(MultiHeadAttention, "causal_pair_attention", _pair_attention_as_matmuls)
-    with sdpa_kernel(SDPBackend.MATH), generic, counter, torch.no_grad():
+    with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
         model(torch.zeros(1, seq_len, dtype=torch.long))
     return counter.get_total_flops() // seq_len
 

@@ -172,71 +172,18 @@ def test_default_modulation_scale_is_the_configs_end_value():
     assert torch.equal(model(idx), model(idx, modulation_scale=0.05))
 
 
-def test_attention_paths_agree_explicit_for_short_bf16_training_sdpa_otherwise(monkeypatch):
-    import hilt.model as model_module
-
-    sdpa_calls = []
-    sdpa = model_module.F.scaled_dot_product_attention
-    monkeypatch.setattr(
-        model_module.F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k)
-    )
-    torch.manual_seed(0)
-    attn = model_module.MultiHeadAttention(32, 4, dropout=0.0)
-    x = torch.randn(2, 16, 32)
+def test_positions_and_a_mask_make_a_left_padded_row_equal_the_row_alone():
+    """What batches of rows of different lengths rely on (Hugging Face's left padding, the engine's slots)."""
+    model = HierarchicalTransformer(tiny_config()).eval()
+    row, pad = torch.randint(0, 97, (1, 6)), 3
+    ids = torch.cat([torch.full((1, pad), 5), row], dim=1)  # (1, 9)
+    real = torch.tensor([[False] * pad + [True] * 6])
+    positions = (real.cumsum(1) - 1).clamp_min(0)  # each real token's index in its own sequence
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    mask = (causal & real[:, None, :]) | torch.eye(
+        9, dtype=torch.bool
+    )  # a pad query sees itself, not nothing
     with torch.no_grad():
-        reference = attn(x)  # fp32: SDPA
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with torch.no_grad():
-            sdpa_bf16 = attn(x)  # no backward to pay for: SDPA
-        assert len(sdpa_calls) == 2
-        explicit = attn(x)  # a short bf16 sequence under autograd: the explicit path
-        assert len(sdpa_calls) == 2
-    assert explicit.requires_grad
-    assert torch.allclose(explicit.float(), reference, atol=0.03)
-    assert torch.allclose(explicit.float(), sdpa_bf16.float(), atol=0.03)
-
-
-def test_closed_form_attention_over_two_layers_equals_the_generic_causal_attention():
-    from hilt.model import MultiHeadAttention
-
-    torch.manual_seed(0)
-    attn = MultiHeadAttention(16, 2, dropout=0.5, short=True).eval()
-    q, k, v = (torch.randn(5, 2, 2, 8) for _ in range(3))  # (N, H, W=2, D)
-    generic = attn.causal_weights(q, k) @ v
-    pair = attn.causal_pair_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-    assert torch.allclose(pair, generic, atol=1e-6)
-    # training: every output is its row's weights, each kept (scaled by 1 / (1 - p)) or dropped, times v
-    attn.train()
-    torch.manual_seed(1)
-    out = attn.causal_pair_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-    a = attn.causal_weights(q, k)[:, :, 1, 1:]  # (N, H, 1): v1's weight for query 1
-    y0_options = torch.stack([torch.zeros_like(v[:, :, 0]), 2 * v[:, :, 0]])
-    assert ((out[:, :, 0] - y0_options).abs().amax(-1) < 1e-5).any(0).all()
-    y1_options = torch.stack(
-        [2 * w0 * v[:, :, 0] + 2 * w1 * v[:, :, 1] for w0 in (0, 1 - a) for w1 in (0, a)]
-    )  # the four keep/drop combinations of query 1's two weights
-    assert ((out[:, :, 1] - y1_options).abs().amax(-1) < 1e-5).any(0).all()
-
-
-def test_dropout_zeroes_a_fraction_p_scales_the_rest_and_its_gradient_follows_the_mask():
-    from hilt.model import Dropout
-
-    drop = Dropout(0.25)
-    x = torch.ones(400, 500, requires_grad=True)
-    y = drop(x)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.75) < 0.01  # 200,000 draws: sd of the fraction ~0.001
-    # four 16-bit values come from each 64-bit draw: none of the four lanes may be biased
-    assert (kept.view(-1, 4).float().mean(0) - 0.75).abs().max() < 0.01
-    assert torch.allclose(y[kept], torch.tensor(1 / 0.75))
-    y.sum().backward()
-    assert torch.equal(x.grad, kept.float() / 0.75)
-    assert torch.equal(drop.eval()(x), x)
-    assert drop.train()(torch.ones(3, 5)).shape == (3, 5)  # a size that is no multiple of four
-    # bf16 activations (autocast training) keep their dtype, and the kept ones are scaled by the exact 1 / (1 - p),
-    # not by a mask that rounded it to bf16 (1 / 0.75 is 1.3359 there: a 0.2% bias on every kept value)
-    x16 = torch.randn(400, 500).bfloat16()
-    y16 = drop(x16)
-    kept16 = y16 != 0
-    assert y16.dtype == torch.bfloat16 and abs(kept16.float().mean().item() - 0.75) < 0.01
-    assert torch.equal(y16[kept16], (x16[kept16].float() / 0.75).bfloat16())
+        padded = model(ids, positions=positions, attn_mask=mask[:, None])[:, pad:]
+        alone = model(row)
+    assert (padded - alone).abs().max() < 1e-5

@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from hilt.schedule import lr_factor, modulation_scale
+from hilt.model import modulation_scale
+from hilt.schedule import lr_factor
 
 
 def test_curriculum_follows_the_design_formula():

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hilt.errors import UserError
+from hilt.kernels import MixedDtypeLinear
 from hilt.kv_cache import KVCache
-from hilt.model import HierarchicalTransformer, Linear
+from hilt.model import HierarchicalTransformer
 
 # --- sampling filters: pure functions of the logits ----------------------------------------------------------
 
@@ -104,12 +105,14 @@ def context_start(length: int, max_seq_len: int) -> int:
 
 def lowered_copy(model: HierarchicalTransformer, dtype: torch.dtype) -> HierarchicalTransformer:
     """An eval-mode copy of ``model`` whose main and ILT layers hold their matrices in ``dtype`` (e.g. bf16): what
-    training's autocast computes (``hilt.model.Linear`` casts the fp32 activations), without casting every weight
-    at every token. The embedding, norms and positions stay the model's own tensors, shared, not copied."""
+    training's autocast computes (``hilt.kernels.MixedDtypeLinear`` casts the fp32 activations), without casting
+    every weight at every token. The embedding, norms and positions stay the model's own tensors, shared, not
+    copied."""
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     lowered = copy.deepcopy(model, memo=shared).eval()
     for module in (*lowered.layers.modules(), *lowered.ilts.modules()):
-        if isinstance(module, Linear):
+        if isinstance(module, nn.Linear):
+            module.__class__ = MixedDtypeLinear
             for name, param in list(module.named_parameters(recurse=False)):
                 setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
     return lowered

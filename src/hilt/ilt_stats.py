@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from hilt.errors import UserError
+from hilt.kernels import causal_weights
 from hilt.model import HierarchicalTransformer, MultiHeadAttention
 
 
@@ -23,7 +24,7 @@ def attention_weights(attn: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor
     N, W, E = x.shape
     q, k, _ = attn.qkv(x).split(E, dim=2)
     q, k = (t.view(N, W, attn.n_heads, E // attn.n_heads).transpose(1, 2) for t in (q, k))  # (N, H, W, D)
-    return attn.causal_weights(q, k)  # (N, H, W, W): the very weights the ILT's short attention applies
+    return causal_weights(q, k)  # (N, H, W, W): the very weights the ILT's short attention applies
 
 
 def window_labels(model: HierarchicalTransformer, ilt_index: int, window_len: int) -> list[str]:

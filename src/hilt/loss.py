@@ -107,7 +107,9 @@ class LanguageModelLoss(nn.Module):
         targets: torch.Tensor,
         modulation_scale: float | None = None,
         reduction: str = "mean",
+        *,
+        progress: float | None = None,
     ) -> torch.Tensor:
-        hidden = self.model.features(idx, modulation_scale)  # (B, T, C)
+        hidden = self.model.features(idx, modulation_scale, progress=progress)  # (B, T, C)
         total = chunked_cross_entropy(hidden.flatten(0, 1), self.model.head.weight, targets.flatten())
         return total / targets.numel() if reduction == "mean" else total

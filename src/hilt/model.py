@@ -9,7 +9,6 @@ H heads, D head size (C // H), W layer window of an ILT, E ilt_dim, V vocab_size
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -17,13 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hilt.kv_cache import KVCache
+from . import kernels
+from .kv_cache import KVCache
 
 # --- the design's ILT constants (defaults of ModelConfig; every one is a CLI flag too) -----------------------
 ILT_DIM = 128
 NHEAD_ILT = 2
 N_LAYERS_ILT = 2
 ILT_DROPOUT = 0.1
+
+
+def modulation_scale(progress: float, start: float, end: float) -> float:
+    """The ILT curriculum: ``start + progress * (end - start)`` where progress = epochs done / epochs (fractional
+    within an epoch). Epoch e of E starts at ``start + (e / E) * (end - start)``, the design's formula."""
+    return start + min(max(progress, 0.0), 1.0) * (end - start)
+
+
 ILT_WINDOW = 2
 MODULATION_SCALE_START = 0.01
 MODULATION_SCALE_END = 0.1
@@ -129,141 +137,77 @@ class PositionalEncoding(nn.Module):
             )
         return self.pe[start : start + length]  # (T, C)
 
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with a cheaper keep-mask on CPU, where the random numbers are most of dropout's cost (a default
-    model runs 48 dropouts per training step). torch's CPU dropout makes one Mersenne-Twister draw per element
-    (bernoulli_); here each 64-bit draw gives four 16-bit uniforms (measured on 524,288 elements: mask 3.1 ->
-    0.7 ms; the whole step -5%). p is rounded to a multiple of 1/65536 and the scale follows it, so the expected
-    output still equals the input. The comparison writes the mask straight into a tensor of x's dtype: a bool mask
-    is slow to multiply with (torch casts it element by element; 0.5M bf16 values: x * bool 352 us, x * bf16 55
-    us, and the bf16 compare 66 us against 129 for the bool one), and the backward reuses the same mask. Elsewhere
-    (CUDA) torch's fused kernel stays."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.p):
-            return x  # evaluation and decoding: not even a call into torch
-        if x.device.type != "cpu":
-            return super().forward(x)
-        n, dropped = x.numel(), round(self.p * 65536)  # dropped of every 65536 16-bit values
-        bits = torch.randint(-(2**63), 2**63 - 1, (-(-n // 4),), dtype=torch.int64, device=x.device)
-        keep = torch.ge(bits.view(torch.int16)[:n].view(x.shape), dropped - 32768, out=torch.empty_like(x))
-        # the scale as a Python float: a scaled mask would round 1 / (1 - p) to x's dtype (bf16: 1.1094, not 1.1111)
-        return torch.mul(x, keep).mul_(65536 / (65536 - dropped))
-
-
-def _future_mask(T: int, device: torch.device) -> torch.Tensor:
-    """(T, T) True above the diagonal: what a causal query must not see."""
-    if torch.compiler.is_compiling():  # a compiled graph bakes it in; the cache below would only warn there
-        return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
-    return _cached_future_mask(T, device)
-
-
-@functools.cache
-def _cached_future_mask(T: int, device: torch.device) -> torch.Tensor:
-    # eager decoding asks for the same tiny mask for every ILT layer at every token
-    return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
-
-
-# torch's CPU flash-attention backward is slow on short bf16 sequences: fwd + bwd at B16 x H8 x T128 x D32 took
-# 24 ms against 8 ms for the explicit softmax(q k^T) v, while from T = 256 on flash wins (and needs no T x T
-# weights). fp32 flash wins at every length.
-EXPLICIT_ATTENTION_MAX_LEN = 128
-
-
-def _explicit_attention_is_faster(q: torch.Tensor) -> bool:
-    return (
-        q.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and torch.is_grad_enabled()
-        and q.size(-2) <= EXPLICIT_ATTENTION_MAX_LEN
-    )
-
-
-class Linear(nn.Linear):
-    """nn.Linear that also runs with weights narrower than its input, computing in the weights' dtype as autocast
-    would: generation keeps bf16 copies of the matrices (``hilt.generate``) while the residual stream, the norms
-    and the embedding stay fp32, so decoding computes what bf16 training computed without casting every weight
-    at every token."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.weight.dtype)
-        return F.linear(x, self.weight, self.bias)
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Each row's own positions (B, T) -> their encodings (B, T, C): left-padded rows, or rows whose caches
+        hold different lengths."""
+        if positions.numel() and int(positions.max()) >= self.pe.size(0):
+            raise ValueError(
+                f"position {int(positions.max())} exceeds max_seq_len {self.pe.size(0)}; "
+                "crop the input or use a sliding window"
+            )
+        return self.pe[positions]
 
 
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention through torch's fused SDPA kernel, with an optional KV cache.
 
-    ``short=True`` is for sequences of a handful of positions (an ILT's window of layers), where SDPA's
-    per-problem overhead dominates: a window of two is attended in closed form (``causal_pair_attention``),
-    longer ones by two small batched matmuls and a softmax. The main layers take that explicit path too for short
-    bf16 sequences in CPU training (``EXPLICIT_ATTENTION_MAX_LEN``).
+    ``short=True`` marks an ILT's attention over its window of layers, which keeps the design's dropout on the
+    attention weights; the main layers drop out on the residual branch only (with dropout_p > 0 torch's CPU SDPA
+    falls back to its unfused path and keeps every T x T weight matrix for backward: peak RSS of a default run
+    2.72 -> 2.36 GB without it).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float, short: bool = False):
         super().__init__()
         self.n_heads = n_heads
         self.short = short
-        self.qkv = Linear(d_model, 3 * d_model)  # one fused projection for q, k and v
-        self.proj = Linear(d_model, d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)  # one fused projection for q, k and v
+        self.proj = nn.Linear(d_model, d_model)
         self.dropout = dropout
-        self.resid_dropout = Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
+        self.cpu_kernels = True  # hilt.kernels.use_cpu_kernels sets it
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
-        B, T, C = x.shape
-        H = self.n_heads
-        qkv = self.qkv(x)
-        if self.short and T == 2 and cache is None:
-            # q, k, v as (B, T, H, D) views and the result in that layout too: no transposes, no copies
-            y = self.causal_pair_attention(*qkv.view(B, T, 3, H, C // H).unbind(2))
-            return self.resid_dropout(self.proj(y.reshape(B, T, C)))
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        qkv = self.qkv(x)  # (B, T, 3C)
+        attn_dropout = self.dropout if self.short and self.training else 0.0
+        plain_causal = cache is None and attn_mask is None
+        kernel = kernels.attention_kernel(qkv, self.short, plain_causal) if self.cpu_kernels else None
+        if kernel is not None:  # a CPU speed path with the same maths (hilt/kernels.py)
+            y = kernel(qkv, self.n_heads, attn_dropout)
+        else:
+            y = self.attend(qkv, cache, layer_idx, attn_mask, attn_dropout)
+        return self.resid_dropout(self.proj(y))
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        cache: KVCache | None,
+        layer_idx: int,
+        attn_mask: torch.Tensor | None,
+        attn_dropout: float,
+    ) -> torch.Tensor:
+        """The reference attention: qkv (B, T, 3C) -> the heads' outputs joined (B, T, C)."""
+        B, T, C3 = qkv.shape
+        C, H = C3 // 3, self.n_heads
         q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=2))  # (B, H, T, D)
-        if cache is None and (self.short or _explicit_attention_is_faster(q)):
-            weights = self.causal_weights(q, k)  # (B, H, T, T)
-            if self.short:  # the ILTs keep the design's dropout on attention weights (main layers: see below)
-                weights = F.dropout(weights, self.dropout, self.training)
-            y = (weights @ v).transpose(1, 2).reshape(B, T, C)
-            return self.resid_dropout(self.proj(y))
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, H, S, D): everything seen so far
         S = k.size(2)
-        mask, is_causal = None, S > 1
-        if S != T:
+        is_causal = attn_mask is None and S > 1
+        if attn_mask is None and S != T:
             # SDPA's is_causal aligns the mask top-left; T new queries after S - T cached keys need it
             # bottom-right: query i sees keys 0 .. S - T + i.
             is_causal = False
             if T > 1:
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        # No dropout on the attention weights (dropout stays on the residual branch): with dropout_p > 0 torch's
-        # CPU SDPA falls back to its unfused path and keeps every (T x T) weight matrix for backward (measured:
-        # peak RSS of a default run 2.72 -> 2.36 GB).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.proj(y))
-
-    def causal_pair_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention over exactly two positions (an ILT's default window), in closed form: position 0 sees
-        only itself (weight 1), and position 1's softmax over two scores is a sigmoid of their difference.
-        q, k, v and the result are (B, 2, H, D). The same as ``causal_weights`` applied to v (dropout included)
-        in a few elementwise ops, where the generic path pays for a softmax over rows of two and batched 2 x 2
-        matmuls."""
-        q1, (k0, k1), (v0, v1) = q[:, 1], k.unbind(1), v.unbind(1)  # each (B, H, D)
-        score_gap = (q1 * (k1 - k0)).sum(-1, keepdim=True) * q.size(-1) ** -0.5  # (B, H, 1): s11 - s10
-        a = torch.sigmoid(score_gap)  # query 1's weight on v1
-        if not (self.training and self.dropout):
-            return torch.stack([v0, torch.lerp(v0, v1, a)], dim=1)
-        # dropout on the three non-zero weights (1; 1 - a, a), as F.dropout would drop them in the 2 x 2 matrix
-        keep = F.dropout(q.new_ones(*a.shape[:-1], 3), self.dropout)  # (B, H, 3): 0 or 1 / (1 - p)
-        y0 = v0 * keep[..., 0:1]
-        y1 = v0 * ((1 - a) * keep[..., 1:2]) + v1 * (a * keep[..., 2:3])
-        return torch.stack([y0, y1], dim=1)
-
-    @staticmethod
-    def causal_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The causal softmax attention weights (B, H, T, T) of queries/keys (B, H, T, D); rows are queries."""
-        scores = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5
-        return scores.masked_fill(_future_mask(q.size(-2), q.device), float("-inf")).softmax(dim=-1)
+                attn_mask = torch.ones(T, S, dtype=torch.bool, device=qkv.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask, attn_dropout, is_causal=is_causal)
+        return y.transpose(1, 2).reshape(B, T, C)
 
 
 class FeedForward(nn.Module):
@@ -271,9 +215,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, dropout: float):
         super().__init__()
-        self.fc = Linear(d_model, d_ff)
-        self.proj = Linear(d_ff, d_model)
-        self.dropout = Dropout(dropout)
+        self.fc = nn.Linear(d_model, d_ff)
+        self.proj = nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x))))
@@ -290,8 +234,14 @@ class TransformerLayer(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.ff = FeedForward(d_model, d_ff, dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, layer_idx)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer_idx: int = 0,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer_idx, attn_mask)
         return x + self.ff(self.ln2(x))
 
 
@@ -335,13 +285,13 @@ class InterLayerTransformer(nn.Module):
         super().__init__()
         # the ilt_gate variant: a learned scalar that the caller uses instead of modulation_scale
         self.gate = nn.Parameter(torch.tensor(float(gate))) if gate is not None else None
-        self.proj_in = Linear(d_model, ilt_dim)
+        self.proj_in = nn.Linear(d_model, ilt_dim)
         self.ln = nn.LayerNorm(ilt_dim)
         self.layers = nn.ModuleList(
             TransformerLayer(ilt_dim, n_heads, 4 * ilt_dim, dropout, short=True) for _ in range(n_layers)
         )
-        self.dropout = Dropout(dropout)
-        self.proj_out = Linear(ilt_dim, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(ilt_dim, d_model)
 
     def forward(self, window: list[torch.Tensor]) -> torch.Tensor:
         """window: the latest layer outputs, oldest first, each (B, T, C). Returns the modulation (B, T, C)."""
@@ -361,16 +311,18 @@ class InterLayerTransformer(nn.Module):
 
 class HierarchicalTransformer(nn.Module):
     """Token embedding + sinusoidal positions -> n_layers TransformerLayers with an ILT between each
-    consecutive pair -> final LayerNorm -> LM head."""
+    consecutive pair -> final LayerNorm -> LM head.
 
-    def __init__(self, config: ModelConfig):
+    ``cpu_kernels`` picks the speed paths of ``hilt/kernels.py`` (same maths; see ``use_cpu_kernels``)."""
+
+    def __init__(self, config: ModelConfig, cpu_kernels: bool = True):
         super().__init__()
         self.config = config
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.embed_scale = math.sqrt(c.d_model)
         self.pos = PositionalEncoding(c.d_model, c.max_seq_len)
-        self.drop = Dropout(c.dropout)
+        self.drop = nn.Dropout(c.dropout)
         self.layers = nn.ModuleList(
             TransformerLayer(c.d_model, c.n_heads, c.d_ff, c.dropout) for _ in range(c.n_layers)
         )
@@ -399,6 +351,7 @@ class HierarchicalTransformer(nn.Module):
         if c.ilt_zero_init:  # ReZero / DenseFormer style: every modulation is exactly 0 at step 0
             for ilt in self.ilts:
                 nn.init.zeros_(ilt.proj_out.weight)
+        self.use_cpu_kernels(cpu_kernels)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -409,34 +362,71 @@ class HierarchicalTransformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def use_cpu_kernels(self, enabled: bool = True) -> None:
+        """The one switch between the reference layers above and the speed paths of ``hilt/kernels.py``."""
+        kernels.use_cpu_kernels(self, enabled)
+
+    def modulation_scale_at(self, progress: float) -> float:
+        """The ILT curriculum: the modulation scale at ``progress`` (fraction of training done, 0 -> 1)."""
+        return modulation_scale(
+            progress, self.config.modulation_scale_start, self.config.modulation_scale_end
+        )
+
     def forward(
-        self, idx: torch.Tensor, modulation_scale: float | None = None, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        modulation_scale: float | None = None,
+        cache: KVCache | None = None,
+        *,
+        progress: float | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) in, next-token logits (B, T, V) out. See ``features`` for the arguments."""
-        return self.head(self.features(idx, modulation_scale, cache))
+        hidden = self.features(
+            idx, modulation_scale, cache, progress=progress, positions=positions, attn_mask=attn_mask
+        )
+        return self.head(hidden)
 
     def features(
-        self, idx: torch.Tensor, modulation_scale: float | None = None, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        modulation_scale: float | None = None,
+        cache: KVCache | None = None,
+        *,
+        progress: float | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) in, the final hidden states (B, T, C) out: what the LM head turns into logits (the
         training loss applies the head itself, in chunks, so the full logits never exist at once).
 
-        ``modulation_scale`` weighs the ILTs' output; None means the trained model's final value
-        (``config.modulation_scale_end``), which is what evaluation and generation use.
+        ``modulation_scale`` weighs the ILTs' output. Training passes ``progress`` instead and the curriculum
+        picks the scale; with neither, the trained model's final value (``config.modulation_scale_end``), which
+        is what evaluation and generation use.
 
         With a ``cache`` the ids continue the sequence the cache holds: positions start at ``cache.length``,
         every layer's keys/values are appended, and the cache advances by T.
+
+        For rows that do not all start at position 0 (left padding, or a batch of caches of different lengths):
+        ``positions`` (B, T) gives each token's index in its own sequence, and ``attn_mask`` (B, 1, T, S), True
+        where a query may attend to a key, replaces the causal mask (S: the keys after the cache's update).
         """
         if modulation_scale is None:
-            modulation_scale = self.config.modulation_scale_end
+            modulation_scale = (
+                self.config.modulation_scale_end if progress is None else self.modulation_scale_at(progress)
+            )
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
+        if positions is None:
+            pos = self.pos(cache.length if cache is not None else 0, T)  # (T, C)
+        else:
+            pos = self.pos.at(positions)  # (B, T, C)
         # sqrt(d_model) keeps token identity from drowning in the unit-amplitude sinusoids (Vaswani et al.)
-        x = self.drop(self.embed(idx) * self.embed_scale + self.pos(start, T))  # (B, T, C)
+        x = self.drop(self.embed(idx) * self.embed_scale + pos)  # (B, T, C)
         embedded = x  # what the ilt_embed variant puts first in every ILT's window
         window: list[torch.Tensor] = []  # the latest main-layer outputs, oldest first
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache, i)
+            x = layer(x, cache, i, attn_mask)
             if i > 0 and self.ilts:
                 ilt = self.ilts[i - 1]
                 seen = [embedded, *window, x] if self.config.ilt_embed else [*window, x]

@@ -1,7 +1,6 @@
-"""Pure functions of training progress: the learning-rate schedule and the ILT modulation curriculum.
-
-Both depend only on (step, total), so a run resumed with a larger ``--epochs`` simply continues the same
-formula over the new total.
+"""The learning-rate schedule: a pure function of (step, total), so a run resumed with a larger ``--epochs`` simply
+continues the same formula over the new total. (The ILT curriculum is the model's own: ``modulation_scale`` in
+``hilt.model``.)
 """
 
 from __future__ import annotations
@@ -30,9 +29,3 @@ def lr_factor(
     if kind == "step":
         return 0.5 ** min(2, int(progress * 3))
     return 1.0
-
-
-def modulation_scale(progress: float, start: float, end: float) -> float:
-    """The ILT curriculum: ``start + progress * (end - start)`` where progress = epochs done / epochs (fractional
-    within an epoch). Epoch e of E starts at ``start + (e / E) * (end - start)``, the design's formula."""
-    return start + min(max(progress, 0.0), 1.0) * (end - start)

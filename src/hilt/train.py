@@ -43,7 +43,7 @@ from hilt.ilt_stats import ilt_stats
 from hilt.loss import LanguageModelLoss
 from hilt.metrics import MetricsLog, perplexity
 from hilt.model import HierarchicalTransformer, ModelConfig
-from hilt.schedule import SCHEDULERS, lr_factor, modulation_scale
+from hilt.schedule import SCHEDULERS, lr_factor
 from hilt.tokenizer import Tokenizer
 
 
@@ -189,21 +189,20 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, scale: float, reduction: str = "mean"):
-        """Next-token loss through ``net``: the LanguageModelLoss, or its DDP wrapper."""
+    def loss(
+        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float | None, reduction="mean"
+    ):
+        """Next-token loss through ``net`` (the LanguageModelLoss, or its DDP wrapper) at training ``progress``
+        (0 -> 1; None: the trained model, as evaluation sees it)."""
         with self.autocast():
-            return net(x.to(self.device), y.to(self.device), scale, reduction)
+            return net(x.to(self.device), y.to(self.device), reduction=reduction, progress=progress)
 
     def train_step(self, order: torch.Tensor) -> None:
         """One optimizer step over the next ``gradient_accumulation_steps`` batches of this epoch."""
         n_batches = len(self.train_data)
         first = self.batch_in_epoch
         last = min(first + self.cfg.gradient_accumulation_steps, n_batches)
-        scale = modulation_scale(
-            (self.epoch + first / n_batches) / self.cfg.epochs,
-            self.model.config.modulation_scale_start,
-            self.model.config.modulation_scale_end,
-        )
+        progress = (self.epoch + first / n_batches) / self.cfg.epochs  # the model's curriculum reads it
         losses = []
         for i in range(first, last):
             x, y = self.train_data.batch(self.epoch, i, order)
@@ -214,7 +213,7 @@ class Trainer:
                 else self.net.no_sync()
             )
             with sync:
-                loss = self.loss(self.net, x, y, scale)
+                loss = self.loss(self.net, x, y, progress)
                 self.scaler.scale(loss / (last - first)).backward()
             losses.append(loss.detach())
         # averaged over ranks: every rank then logs the same number and agrees on a non-finite loss
@@ -248,21 +247,21 @@ class Trainer:
                 loss=step_loss,
                 lr=self.current_lr(),
                 grad_norm=grad_norm,
-                modulation_scale=scale,
+                modulation_scale=self.model.modulation_scale_at(progress),
             )
             if self.cfg.ilt_stats_every and self.global_step % self.cfg.ilt_stats_every == 0:
-                self.log_ilt_stats(scale)
+                self.log_ilt_stats(progress)
 
     def current_lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def log_ilt_stats(self, scale: float) -> None:
+    def log_ilt_stats(self, progress: float) -> None:
         """What the ILTs do right now (see hilt.ilt_stats), on the first few validation windows: one forward pass
         in eval mode, no gradients, no random numbers drawn, so training is unaffected."""
         batch = next(self.val_data.eval_batches(), None)
         if not self.model.ilts or batch is None:
             return
-        stats = ilt_stats(self.model, batch[0][:4].to(self.device), scale)
+        stats = ilt_stats(self.model, batch[0][:4].to(self.device), self.model.modulation_scale_at(progress))
         del stats["labels"]
         epoch = self.epoch + self.batch_in_epoch / max(1, len(self.train_data))
         self.metrics.write(kind="ilt", step=self.global_step, epoch=epoch, **stats)
@@ -276,9 +275,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
         for x, y in self.val_data.eval_batches():
-            total[0] += self.loss(
-                self.criterion, x, y, self.model.config.modulation_scale_end, "sum"
-            ).double()
+            total[0] += self.loss(self.criterion, x, y, None, "sum").double()
             total[1] += y.numel()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
@@ -390,9 +387,7 @@ class Trainer:
         print(f"Val Loss: {val_loss:.4f} | Val Perplexity: {perplexity(val_loss):.2f}")
         print(f"Avg Grad Norm: {record['avg_grad_norm']:.4f} | Learning Rate: {record['lr']:.6f}")
         if self.cfg.ilt_stats_every:
-            c = self.model.config
-            progress = self.epoch / self.cfg.epochs
-            self.log_ilt_stats(modulation_scale(progress, c.modulation_scale_start, c.modulation_scale_end))
+            self.log_ilt_stats(self.epoch / self.cfg.epochs)
         self.metrics.write(kind="epoch", step=self.global_step, **record)
         if improved:
             self.save("best_model.pt", train_loss=train_loss)

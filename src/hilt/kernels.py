@@ -1,0 +1,160 @@
+"""CPU speed paths for the reference model in ``model.py``: the same maths, measured faster on CPU.
+
+``model.py`` is the reference and reads without this file. The model picks these through one switch,
+``HierarchicalTransformer(config, cpu_kernels=True)`` (the default; ``model.use_cpu_kernels(False)`` turns them off),
+and ``tests/test_kernels.py`` checks every path against the reference, forward and backward. The numbers quoted
+at each choice are medians from the benchmarks named there; the full tables are in docs/performance.md.
+
+    CheapDropout            dropout with a 16-bit keep-mask              training, CPU
+    pair_attention          closed-form attention over two positions     an ILT's window of 2, no cache
+    explicit_attention      softmax(q k^T) v as two batched matmuls      ILT windows; short bf16 training sequences
+    MixedDtypeLinear        bf16 weights under fp32 activations          generation's lowered copy (hilt.generate)
+
+This module imports only torch, so an exported model folder can carry it beside ``model.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --- dropout -------------------------------------------------------------------------------------------------
+
+
+class CheapDropout(nn.Dropout):
+    """nn.Dropout with a cheaper keep-mask on CPU, where the random numbers are most of dropout's cost (a default
+    model runs 48 dropouts per training step). torch's CPU dropout makes one Mersenne-Twister draw per element;
+    here each 64-bit draw gives four 16-bit uniforms (524,288 elements: mask 3.1 -> 0.7 ms; the whole step -5%).
+    p is rounded to a multiple of 1/65536 and the scale follows it, so the expected output still equals the input.
+    The mask is written straight into x's dtype: torch casts a bool mask element by element at every multiply
+    (0.5M bf16 values: x * bool 352 us, x * bf16 55 us). Elsewhere (CUDA) torch's fused kernel stays."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.p):
+            return x  # evaluation and decoding: not even a call into torch
+        if x.device.type != "cpu":
+            return super().forward(x)
+        n, dropped = x.numel(), round(self.p * 65536)  # dropped of every 65536 16-bit values
+        bits = torch.randint(-(2**63), 2**63 - 1, (-(-n // 4),), dtype=torch.int64, device=x.device)
+        keep = torch.ge(bits.view(torch.int16)[:n].view(x.shape), dropped - 32768, out=torch.empty_like(x))
+        # the scale as a Python float: a scaled mask would round 1 / (1 - p) to x's dtype (bf16: 1.1094, not 1.1111)
+        return torch.mul(x, keep).mul_(65536 / (65536 - dropped))
+
+
+# --- attention -----------------------------------------------------------------------------------------------
+# Every kernel takes the fused projection qkv (B, T, 3C), the head count and the attention-weight dropout
+# probability (0 outside training), and returns the heads' outputs joined again, (B, T, C): what the reference
+# MultiHeadAttention.attend returns for a causal sequence without cache or mask.
+
+Kernel = Callable[[torch.Tensor, int, float], torch.Tensor]
+
+# torch's CPU flash-attention backward is slow on short bf16 sequences: fwd + bwd at B16 x H8 x T128 x D32 took
+# 24 ms against 8 ms for the explicit softmax(q k^T) v, while from T = 256 on flash wins (and needs no T x T
+# weights). fp32 flash wins at every length.
+EXPLICIT_ATTENTION_MAX_LEN = 128
+
+
+def attention_kernel(qkv: torch.Tensor, short: bool, plain_causal: bool) -> Kernel | None:
+    """The speed path for this attention call, or None for the reference (SDPA). ``short``: an ILT's window of
+    layers, where SDPA's per-call overhead dominates. ``plain_causal``: no cache and no caller's mask."""
+    if not plain_causal or qkv.device.type != "cpu":
+        return None
+    T = qkv.size(1)
+    if short and T == 2:
+        return pair_attention  # an ILT's default window: a few elementwise ops instead of a 2 x 2 softmax
+    if short:
+        return explicit_attention
+    short_bf16_training = (
+        qkv.dtype in (torch.bfloat16, torch.float16)
+        and torch.is_grad_enabled()
+        and T <= EXPLICIT_ATTENTION_MAX_LEN
+    )
+    return explicit_attention if short_bf16_training else None
+
+
+def _heads(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    return tuple(
+        t.view(B, T, n_heads, C // n_heads).transpose(1, 2) for t in qkv.split(C, dim=2)
+    )  # (B, H, T, D)
+
+
+def causal_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The causal softmax attention weights (B, H, T, T) of queries/keys (B, H, T, D); rows are queries."""
+    scores = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5
+    return scores.masked_fill(_future_mask(q.size(-2), q.device), float("-inf")).softmax(dim=-1)
+
+
+def explicit_attention(qkv: torch.Tensor, n_heads: int, dropout_p: float) -> torch.Tensor:
+    B, T, _ = qkv.shape
+    q, k, v = _heads(qkv, n_heads)
+    weights = (
+        F.dropout(causal_weights(q, k), dropout_p) if dropout_p else causal_weights(q, k)
+    )  # (B, H, T, T)
+    return (weights @ v).transpose(1, 2).reshape(B, T, -1)
+
+
+def pair_attention(qkv: torch.Tensor, n_heads: int, dropout_p: float) -> torch.Tensor:
+    """Causal attention over exactly two positions, in closed form: position 0 sees only itself (weight 1), and
+    position 1's softmax over two scores is a sigmoid of their difference. q, k, v stay (B, 2, H, D) views of
+    qkv, so nothing is transposed or copied."""
+    B, T, C3 = qkv.shape
+    q, k, v = qkv.view(B, T, 3, n_heads, C3 // (3 * n_heads)).unbind(2)  # each (B, 2, H, D)
+    q1, (k0, k1), (v0, v1) = q[:, 1], k.unbind(1), v.unbind(1)  # each (B, H, D)
+    score_gap = (q1 * (k1 - k0)).sum(-1, keepdim=True) * q.size(-1) ** -0.5  # (B, H, 1): s11 - s10
+    a = torch.sigmoid(score_gap)  # query 1's weight on v1
+    if not dropout_p:
+        y = torch.stack([v0, torch.lerp(v0, v1, a)], dim=1)
+    else:
+        # dropout on the three non-zero weights (1; 1 - a, a), as F.dropout would drop them in the 2 x 2 matrix
+        keep = F.dropout(q.new_ones(*a.shape[:-1], 3), dropout_p)  # (B, H, 3): 0 or 1 / (1 - p)
+        y0 = v0 * keep[..., 0:1]
+        y1 = v0 * ((1 - a) * keep[..., 1:2]) + v1 * (a * keep[..., 2:3])
+        y = torch.stack([y0, y1], dim=1)
+    return y.reshape(B, T, C3 // 3)
+
+
+def _future_mask(T: int, device: torch.device) -> torch.Tensor:
+    """(T, T) True above the diagonal: what a causal query must not see."""
+    if torch.compiler.is_compiling():  # a compiled graph bakes it in; the cache below would only warn there
+        return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
+    return _cached_future_mask(T, device)
+
+
+@functools.cache
+def _cached_future_mask(T: int, device: torch.device) -> torch.Tensor:
+    # eager decoding asks for the same tiny mask for every ILT layer at every token
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
+
+
+# --- mixed-dtype linear --------------------------------------------------------------------------------------
+
+
+class MixedDtypeLinear(nn.Linear):
+    """nn.Linear that also runs with weights narrower than its input, computing in the weights' dtype as autocast
+    would. Generation keeps bf16 copies of the matrices (``hilt.generate.lowered_copy``) while the residual
+    stream, the norms and the embedding stay fp32: decoding then computes what bf16 training computed without
+    casting every weight at every token (batch-1 decoding 118 -> 210 tokens/s with bf16 weights)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.weight.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
+# --- the switch ----------------------------------------------------------------------------------------------
+
+
+def use_cpu_kernels(model: nn.Module, enabled: bool = True) -> None:
+    """Turns the speed paths of every layer of ``model`` on or off: dropout modules change class (they hold no
+    state but p, so nothing else changes), attention modules read their ``cpu_kernels`` flag at every call."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.__class__ = CheapDropout if enabled else nn.Dropout
+        if hasattr(module, "cpu_kernels"):
+            module.cpu_kernels = enabled
