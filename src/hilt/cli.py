@@ -64,7 +64,7 @@ MODEL_FLAGS = {
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from hilt.model import ModelConfig  # imports torch: only the subcommands that build a model call this
+    from hilt.config import ModelConfig  # plain Python, no torch
 
     defaults = {f.name: f.default for f in fields(ModelConfig)}
     g = p.add_argument_group(
@@ -487,7 +487,7 @@ def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # the top-level parser has no options but --help, so the first other word names the subcommand; only its
-    # flags are built, since some flag builders import torch (add_model_flags)
+    # flags are built, so that no other subcommand's flag builder (which may import torch) runs
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(with_flags=[command]).parse_args(argv)
     try:
