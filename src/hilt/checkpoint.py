@@ -90,40 +90,74 @@ def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> Hierar
     return model
 
 
-def check_tokenizer(ckpt: dict, tokenizer, path: str | Path) -> None:
-    """The tokenizer about to be used must be the one the checkpoint was trained with."""
-    if ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer.name:
+def check_compatible(
+    ckpt: dict, config: ModelConfig, path: str | Path, *, tokenizer=None, requested: dict | None = None
+) -> None:
+    """What every command that continues from a checkpoint checks: the tokenizer about to be used is the one the
+    checkpoint was trained with, and no flag (``requested``: ModelConfig field -> value, None = not given) names an
+    architecture other than the checkpoint's (an error, not silently ignored)."""
+    if tokenizer is not None and ckpt.get("tokenizer") and ckpt["tokenizer"] != tokenizer.name:
         raise UserError(f"{path} was trained with tokenizer {ckpt['tokenizer']}, not {tokenizer.name}")
-
-
-def check_architecture_flags(config: ModelConfig, requested: dict, source: str | Path) -> None:
-    """Flags that name an architecture different from the checkpoint's are an error, not silently ignored."""
     stored = config.to_dict()
     clashes = [
         f"{k}={v} (checkpoint has {stored[k]})"
-        for k, v in requested.items()
+        for k, v in (requested or {}).items()
         if v is not None and stored[k] != v
     ]
     if clashes:
         raise UserError(
-            f"{source} was trained with another architecture: {', '.join(clashes)}; drop those flags"
+            f"{path} was trained with another architecture: {', '.join(clashes)}; drop those flags"
         )
 
 
-def load_model_and_tokenizer(path: str | Path, device: torch.device):
+def load_model_and_tokenizer(path: str | Path, device: torch.device, requested: dict | None = None):
     """(model in eval mode on ``device``, the tokenizer it was trained with, the checkpoint dict): what
-    generation, evaluation and inspection start from."""
+    generation, evaluation and inspection start from. ``path`` is a checkpoint or a folder written by
+    ``hilt export``; ``requested`` are architecture flags the user gave (see ``check_compatible``)."""
     from hilt.tokenizer import Tokenizer
 
+    if Path(path).is_dir():
+        from hilt.hf.export import load_exported
+
+        model, tokenizer, ckpt = load_exported(path, device)
+        check_compatible(ckpt, model.config, path, requested=requested)
+        return model, tokenizer, ckpt
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path)
     tokenizer = Tokenizer.load((ckpt.get("train_config") or {}).get("tokenizer"))
-    check_tokenizer(ckpt, tokenizer, path)
+    check_compatible(ckpt, model.config, path, tokenizer=tokenizer, requested=requested)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(
             f"{path} has a vocabulary of {model.config.vocab_size} ids; its tokenizer has {tokenizer.vocab_size}"
         )
     return model.to(device).eval(), tokenizer, ckpt
+
+
+# --- resuming: where in the data a checkpoint left off ----------------------------------------------------
+
+
+def data_fingerprint(train_data) -> dict:
+    """What a position in the training data (epoch, batch) means: the same tokens batched the same way."""
+    d = train_data
+    return {
+        "tokens": len(d.tokens),
+        "seq_len": d.seq_len,
+        "batch_size": d.batch_size,
+        "world_size": d.world_size,
+        "seed": d.seed,
+        "epoch_tokens": d.epoch_tokens,
+    }
+
+
+def resume_position(ckpt: dict, train_data) -> tuple[int, int, dict | None]:
+    """(epoch, batch in that epoch, the epoch's running stats) to continue from. With the same data and batching
+    training continues mid-epoch, exactly: the RNG state is restored too. If they changed, the old position means
+    nothing, so training starts the next epoch afresh (stats None) and the caller says so."""
+    epoch, batch = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
+    if ckpt.get("data_fingerprint") == data_fingerprint(train_data):
+        restore_rng_state(ckpt["rng_state"])
+        return epoch, batch, dict(ckpt["epoch_stats"])
+    return (epoch + 1, 0, None) if batch else (epoch, 0, None)
 
 
 # --- RNG state as tensors and numbers, so it survives weights_only loading ----------------------------------

@@ -416,10 +416,11 @@ class GenerationConfig:
 
 def load_for_generation(cfg: GenerationConfig, device: torch.device):
     """Model (eval mode, on ``device``) and the tokenizer it was trained with, from ``cfg.model_path``."""
-    from hilt.checkpoint import check_architecture_flags, load_model_and_tokenizer
+    from hilt.checkpoint import load_model_and_tokenizer
 
-    model, tokenizer, _ = load_model_and_tokenizer(cfg.model_path, device)
-    check_architecture_flags(model.config, {"d_model": cfg.model_dim}, cfg.model_path)
+    model, tokenizer, _ = load_model_and_tokenizer(
+        cfg.model_path, device, requested={"d_model": cfg.model_dim}
+    )
     return model, tokenizer
 
 

@@ -28,12 +28,12 @@ from hilt.checkpoint import (
     FORMAT_VERSION,
     atomic_save,
     capture_rng_state,
-    check_architecture_flags,
-    check_tokenizer,
+    check_compatible,
+    data_fingerprint,
     load_checkpoint,
     model_from_checkpoint,
     remove_stale_temporaries,
-    restore_rng_state,
+    resume_position,
 )
 from hilt.data import TokenBatches, train_val_tokens
 from hilt.device import autocast_dtype
@@ -413,7 +413,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
             "epoch_stats": dict(stats),
-            "data_fingerprint": self.data_fingerprint(),
+            "data_fingerprint": data_fingerprint(self.train_data),
             "best_loss": self.best_loss,
             "epochs_without_improvement": self.epochs_without_improvement,
             "train_loss": train_loss,
@@ -433,17 +433,6 @@ class Trainer:
                 f"could not write {self.out_dir / name} ({e.strerror or e}); the previous file, if any, is intact"
             ) from None
 
-    def data_fingerprint(self) -> dict:
-        d = self.train_data
-        return {
-            "tokens": len(d.tokens),
-            "seq_len": d.seq_len,
-            "batch_size": d.batch_size,
-            "world_size": d.world_size,
-            "seed": d.seed,
-            "epoch_tokens": d.epoch_tokens,
-        }
-
     def load_state_dict(self, ckpt: dict) -> None:
         """Restores everything a resume needs. If the data or batching changed since the checkpoint, training
         continues from the start of the next epoch instead of mid-epoch (the old position means nothing)."""
@@ -454,23 +443,18 @@ class Trainer:
         self.scheduler.base_lrs = [self.cfg.lr for _ in self.scheduler.base_lrs]
         if ckpt.get("scaler_state_dict"):
             self.scaler.load_state_dict(ckpt["scaler_state_dict"])
-        self.epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt["global_step"])
         self.best_loss = float(ckpt["best_loss"])
         self.epochs_without_improvement = int(ckpt.get("epochs_without_improvement", 0))
         self.last_val_loss = float(ckpt["val_loss"])
         self.history = list(ckpt.get("history", []))
-        same_data = ckpt.get("data_fingerprint") == self.data_fingerprint()
-        if same_data:
-            self.batch_in_epoch = int(ckpt["batch_in_epoch"])
-            self.epoch_stats = dict(ckpt["epoch_stats"])
-            restore_rng_state(ckpt["rng_state"])
-        elif ckpt["batch_in_epoch"]:
-            if self.is_main:
-                print(
-                    f"note: the data or batch settings changed since the checkpoint; starting epoch {self.epoch + 2} afresh"
-                )
-            self.epoch += 1
+        self.epoch, self.batch_in_epoch, stats = resume_position(ckpt, self.train_data)
+        if stats is not None:
+            self.epoch_stats = stats
+        elif self.epoch > int(ckpt["epoch"]) and self.is_main:
+            print(
+                f"note: the data or batch settings changed since the checkpoint; starting epoch {self.epoch + 1} afresh"
+            )
         # the schedule is a pure function of the step: put the rate where it belongs for this (new) total
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
             group["lr"] = base * lr_factor(
@@ -543,8 +527,7 @@ def _run_training(cfg: TrainConfig, model_args: dict, dist_info: distributed.Dis
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
     if ckpt is not None:
         model = model_from_checkpoint(ckpt, cfg.resume)
-        check_architecture_flags(model.config, model_args, cfg.resume)
-        check_tokenizer(ckpt, tokenizer, cfg.resume)
+        check_compatible(ckpt, model.config, cfg.resume, tokenizer=tokenizer, requested=model_args)
     else:
         args = {k: v for k, v in model_args.items() if v is not None}
         try:
