@@ -1,0 +1,144 @@
+"""The reference pages cannot drift from the command line: every flag of `hilt <command>` is named on that
+command's page in docs/, and every flag the docs (and the README) name exists. Flags are read from argparse's
+actions, never from help text."""
+
+import argparse
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from hilt.cli import COMMANDS, subcommand_parsers
+from tests.conftest import REPO
+
+DOCS = REPO / "docs"
+
+# subcommand -> its reference page in docs/. A new subcommand adds one line here and writes its page.
+PAGES = {
+    "train": "training.md",
+    "prepare": "data.md",
+    "vocab": "data.md",
+    "generate": "generation.md",
+    "eval": "evaluation.md",
+    "plot": "evaluation.md",
+    "inspect": "evaluation.md",
+}
+
+# flags of other programs the docs show in commands (`torchrun ... train.py`, `tensorboard --logdir runs`)
+OTHER_TOOLS = {
+    "torchrun": {"--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint"},
+    "tensorboard": {"--logdir"},
+}
+
+FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
+
+
+def named_flags(path: Path) -> set[str]:
+    return set(FLAG.findall(path.read_text(encoding="utf-8")))
+
+
+def documented_options(action: argparse.Action) -> list[str]:
+    """The spelling a page must use: the first long option (``--ilt_gate`` stands for ``--no-ilt_gate`` too)."""
+    return [o for o in action.option_strings if o.startswith("--")][:1]
+
+
+def script_flags(path: Path) -> set[str]:
+    """The flags of a benchmark script, read from the parser its ``main`` builds: parse_args is stopped before it
+    reads the command line, so nothing runs."""
+
+    class Built(Exception):
+        pass
+
+    def stop(self, *args, **kwargs):
+        raise Built(self)
+
+    name = f"_docs_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "path", [*sys.path])  # the scripts add their own folders; put it back afterwards
+        patch.setitem(sys.modules, name, module)  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+        patch.setattr(argparse.ArgumentParser, "parse_args", stop)
+        with pytest.raises(Built) as built:
+            module.main()
+    return {o for a in built.value.args[0]._actions for o in a.option_strings}
+
+
+def test_every_subcommand_has_a_page():
+    missing = [
+        f"`hilt {name}` has no reference page: write docs/{name}.md and add "
+        f'"{name}": "{name}.md" to PAGES in tests/test_docs.py'
+        for name in COMMANDS
+        if name not in PAGES
+    ]
+    missing += [
+        f"`hilt {name}` is documented in docs/{page}, which does not exist: write it"
+        for name, page in PAGES.items()
+        if name in COMMANDS and not (DOCS / page).is_file()
+    ]
+    assert not missing, "\n".join(missing)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_flag_is_on_its_commands_page(name):
+    page = DOCS / PAGES.get(name, f"{name}.md")
+    if not page.is_file():
+        pytest.fail(f"`hilt {name}` has no reference page: write {page.relative_to(REPO)}")
+    on_page = named_flags(page)
+    parser = subcommand_parsers()[name]
+    undocumented = sorted(
+        flag
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction)
+        for flag in documented_options(action)
+        if flag not in on_page
+    )
+    assert not undocumented, f"flags of `hilt {name}` missing from {page.relative_to(REPO)}: {undocumented}"
+
+
+def test_every_flag_the_docs_name_exists():
+    known = {o for p in subcommand_parsers().values() for a in p._actions for o in a.option_strings}
+    for script in sorted((REPO / "benchmarks").glob("*.py")):
+        if "def main(" in script.read_text(encoding="utf-8"):
+            known |= script_flags(script)
+    for flags in OTHER_TOOLS.values():
+        known |= flags
+    pages = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+    unknown = {
+        str(page.relative_to(REPO)): sorted(named_flags(page) - known)
+        for page in pages
+        if named_flags(page) - known
+    }
+    assert not unknown, f"flags named in the docs that no command has: {unknown}"
+
+
+def test_the_flag_pattern_reads_markdown():
+    # the two checks above rely on it: table separators and prose dashes are not flags, --no-x and --x_y are
+    text = "| --- | --- |\n`--ilt_gate` / `--no-ilt_gate`, a -- b, (--top_k 40), --lr=3e-3, x--y"
+    assert FLAG.findall(text) == ["--ilt_gate", "--no-ilt_gate", "--top_k", "--lr"]
+
+
+LINK = re.compile(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)")
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_between_the_pages_resolve():
+    broken = []
+    for page in [REPO / "README.md", *sorted(DOCS.glob("*.md"))]:
+        for target, anchor in LINK.findall(page.read_text(encoding="utf-8")):
+            if target.startswith(("http://", "https://")):
+                continue
+            path = (page.parent / target).resolve() if target else page
+            if not path.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} does not exist")
+            elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+                broken.append(f"{page.relative_to(REPO)}: {target}#{anchor} has no such heading")
+    assert not broken, "\n".join(broken)
