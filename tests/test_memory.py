@@ -112,3 +112,40 @@ def test_training_keeps_freed_memory_during_its_steps_and_not_during_evaluation(
         spy_on(name)
     assert train(tmp_path) == 0
     assert depth_during == {"train_step": {1}, "evaluate": {0}}
+
+
+def test_on_exit_the_values_the_process_started_with_come_back_not_always_the_defaults(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=7:glibc.malloc.check=0")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0x40000")
+    assert memory.values_at_start() == {memory._M_MMAP_MAX: 7, memory._M_TRIM_THRESHOLD: 0x40000}
+    calls = []
+    libc = memory._glibc()
+    monkeypatch.setattr(memory, "_glibc", lambda: _RecordingLibc(libc, calls))
+    with memory.freed_memory_kept():
+        pass
+    assert calls[:2] == [(memory._M_MMAP_MAX, 0), (memory._M_TRIM_THRESHOLD, memory._NEVER_TRIM)]
+    assert sorted(calls[2:]) == sorted([(memory._M_MMAP_MAX, 7), (memory._M_TRIM_THRESHOLD, 0x40000)])
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    with memory.freed_memory_kept():
+        pass
+    assert sorted(calls[-2:]) == sorted(
+        [
+            (memory._M_MMAP_MAX, memory._DEFAULT_MMAP_MAX),
+            (memory._M_TRIM_THRESHOLD, memory._DEFAULT_TRIM_THRESHOLD),
+        ]
+    )
+
+
+class _RecordingLibc:
+    """glibc itself, with its mallopt calls recorded (the real calls still happen, so the process ends as it was)."""
+
+    def __init__(self, libc, calls):
+        self.libc, self.calls = libc, calls
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return self.libc.mallopt(param, value)
+
+    def malloc_trim(self, pad):
+        return self.libc.malloc_trim(pad)

@@ -9,6 +9,9 @@ heap holds what a step needs and every step reuses it (0-1,200 faults per step):
 took 6-16% less time, a 25-step default train.py run (batch 32) 5% less wall time. Evaluation and checkpoints run
 outside it (inside, evaluation's other shapes grew the heap by 0.2-0.3 GB), so the peak RSS of a default train.py
 run stays where it was (1.74-1.80 GB against 1.71-1.77).
+
+The setting is process-wide: every thread's allocations follow it while the block is open, and the block itself
+is not thread-safe (open it from one thread, the one that owns the training loop).
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ import platform
 import sys
 from collections.abc import Iterator
 
-# mallopt parameters and their glibc defaults (malloc.h)
+# mallopt parameters and their glibc defaults (malloc.h, mallopt(3))
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int
+# where a process can have set them before us: glibc's tunables, and its older environment variables
+_TUNABLES = {_M_TRIM_THRESHOLD: "glibc.malloc.trim_threshold", _M_MMAP_MAX: "glibc.malloc.mmap_max"}
+_ENVIRONMENT = {_M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", _M_MMAP_MAX: "MALLOC_MMAP_MAX_"}
+_DEFAULTS = {_M_TRIM_THRESHOLD: _DEFAULT_TRIM_THRESHOLD, _M_MMAP_MAX: _DEFAULT_MMAP_MAX}
 
 OPT_OUT = "HILT_RETURN_FREED_MEMORY"  # set to 1 to keep glibc's defaults
 
@@ -35,15 +42,33 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
+def values_at_start() -> dict[int, int]:
+    """The mallopt values this process started with. glibc has no call that reads them back, so they are taken
+    from where glibc itself read them at start-up (GLIBC_TUNABLES, then the MALLOC_*_ variables), else its
+    documented defaults. Code that calls mallopt itself (nothing in HILT outside this module) is not seen."""
+    tunables = dict(
+        item.split("=", 1) for item in os.environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item
+    )
+    values = {}
+    for param, default in _DEFAULTS.items():
+        text = tunables.get(_TUNABLES[param], os.environ.get(_ENVIRONMENT[param]))
+        try:
+            values[param] = int(text, 0) if text else default
+        except ValueError:  # glibc ignores a malformed value too
+            values[param] = default
+    return values
+
+
 _depth = 0  # nested blocks: only the outermost one sets and restores
 
 
 @contextlib.contextmanager
 def freed_memory_kept() -> Iterator[bool]:
     """Within the block, freed memory stays in the process for the next allocation (glibc only; elsewhere, or with
-    HILT_RETURN_FREED_MEMORY=1, nothing changes). Yields whether the setting is in effect. Afterwards glibc's
-    default limits are back (its self-adjusting mmap threshold stays at the value it had reached) and the free memory
-    is returned to the OS at once."""
+    HILT_RETURN_FREED_MEMORY=1, nothing changes). Yields whether the setting is in effect. Afterwards the limits
+    the process started with are back (``values_at_start``) and the free memory is returned to the OS at once.
+    One thing cannot be restored: any mallopt call freezes glibc's self-adjusting mmap threshold at the value it
+    had reached (128 KB to 32 MB)."""
     global _depth
     libc = _glibc()
     if libc is None:
@@ -58,6 +83,6 @@ def freed_memory_kept() -> Iterator[bool]:
     finally:
         _depth -= 1
         if _depth == 0:
-            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+            for param, value in values_at_start().items():
+                libc.mallopt(param, value)
             libc.malloc_trim(0)
