@@ -24,6 +24,8 @@ PAGES = {
     "eval": "evaluation.md",
     "plot": "evaluation.md",
     "inspect": "evaluation.md",
+    "export": "huggingface.md",
+    "serve": "serving.md",
 }
 
 # flags of other programs the docs show in commands (`torchrun ... train.py`, `tensorboard --logdir runs`)
@@ -45,7 +47,7 @@ def documented_options(action: argparse.Action) -> list[str]:
 
 
 def script_flags(path: Path) -> set[str]:
-    """The flags of a benchmark script, read from the parser its ``main`` builds: parse_args is stopped before it
+    """The flags of a benchmark script, read from the parser its ``main`` builds: parsing is stopped before it
     reads the command line, so nothing runs."""
 
     class Built(Exception):
@@ -61,7 +63,7 @@ def script_flags(path: Path) -> set[str]:
         patch.setattr(sys, "path", [*sys.path])  # the scripts add their own folders; put it back afterwards
         patch.setitem(sys.modules, name, module)  # dataclasses look their module up while the class is built
         spec.loader.exec_module(module)
-        patch.setattr(argparse.ArgumentParser, "parse_args", stop)
+        patch.setattr(argparse.ArgumentParser, "parse_known_args", stop)  # parse_args calls it too
         with pytest.raises(Built) as built:
             module.main()
     return {o for a in built.value.args[0]._actions for o in a.option_strings}
