@@ -26,7 +26,15 @@ def tiny_model(**overrides) -> HierarchicalTransformer:
     # a strong modulation (1.0 instead of 0.1) and a 3-layer ILT window make a wrong cached ILT path show
     values = dict(modulation_scale_end=1.0, ilt_window=3)
     values.update(overrides)
-    return HierarchicalTransformer(tiny_config(**values)).eval()
+    model = HierarchicalTransformer(tiny_config(**values)).eval()
+    if model.config.ilt_kind != "design":  # the history kinds start at exactly 0: give them weights that show
+        with torch.no_grad():
+            for p in model.ilts.parameters():
+                p.normal_(0.0, 0.5)
+    return model
+
+
+EVERY_ILT_KIND = ["design", "depth", "depth_multiway", "x0"]
 
 
 def greedy(model, ids, n, **kw):
@@ -83,8 +91,9 @@ def test_sampling_is_reproducible_with_a_seeded_generator():
 # --- the KV cache is exact -----------------------------------------------------------------------------------
 
 
-def test_cached_logits_of_every_step_equal_a_full_recomputation():
-    model = tiny_model()
+@pytest.mark.parametrize("ilt_kind", EVERY_ILT_KIND)
+def test_cached_logits_of_every_step_equal_a_full_recomputation(ilt_kind):
+    model = tiny_model(ilt_kind=ilt_kind)
     seq = torch.randint(0, 97, (2, 40))
     cache = KVCache(model.config.n_layers, 64)
     with torch.inference_mode():
@@ -97,8 +106,14 @@ def test_cached_logits_of_every_step_equal_a_full_recomputation():
     assert cache.length == 40
     assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
     # the ILTs matter here, so equality above includes the modulated path
-    with torch.inference_mode():
-        assert (model(seq, modulation_scale=0.0) - full).abs().max() > 1e-2
+    if ilt_kind == "design":
+        with torch.inference_mode():
+            assert (model(seq, modulation_scale=0.0) - full).abs().max() > 1e-2
+    else:  # the history kinds ignore modulation_scale: without their weights the logits change
+        with torch.no_grad():
+            for p in model.ilts.parameters():
+                p.zero_()
+            assert (model(seq) - full).abs().max() > 1e-2
 
 
 def test_cached_keys_and_values_come_from_the_modulated_hidden_states():
@@ -123,8 +138,9 @@ def test_cached_keys_and_values_come_from_the_modulated_hidden_states():
         assert (cache.v[i, :, :, :12] - v).abs().max() < 1e-5
 
 
-def test_greedy_200_tokens_identical_with_and_without_cache_across_the_sliding_window():
-    model = tiny_model(max_seq_len=48)  # 200 new tokens slide the window several times
+@pytest.mark.parametrize("ilt_kind", EVERY_ILT_KIND)
+def test_greedy_200_tokens_identical_with_and_without_cache_across_the_sliding_window(ilt_kind):
+    model = tiny_model(max_seq_len=48, ilt_kind=ilt_kind)  # 200 new tokens slide the window several times
     ids = torch.randint(0, 97, (1, 7))
     cached, uncached = greedy(model, ids, 200, use_cache=True), greedy(model, ids, 200, use_cache=False)
     assert cached.shape == (1, 207)
@@ -169,6 +185,64 @@ def test_lowered_copy_matches_autocast_exactly_and_leaves_the_model_alone():
         assert torch.equal(lowered.features(ids), expected)
 
 
+def test_the_decoding_copy_is_built_once_and_rebuilt_when_the_weights_change():
+    from hilt.generate import decoding_weights, forget_decoding_weights
+
+    model = tiny_model()
+    lowered, head = decoding_weights(model, torch.bfloat16)
+    assert decoding_weights(model, torch.bfloat16)[0] is lowered  # kept between calls
+    assert decoding_weights(model, torch.float16)[0] is not lowered  # one per dtype
+    ids = torch.randint(0, 97, (1, 6))
+
+    def features_agree():
+        fresh = lowered_copy_of(model)
+        current, _ = decoding_weights(model, torch.bfloat16)
+        with torch.no_grad():
+            return torch.equal(current.features(ids), fresh.features(ids)), current
+
+    # an optimizer step writes into the same storage: caught by the step counter
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    same, after_step = features_agree()
+    assert same and after_step is not lowered
+    # load_state_dict copies into the same storage too: caught by the post-hook
+    other = tiny_model()
+    model.load_state_dict(other.state_dict())
+    same, after_load = features_agree()
+    assert same and after_load is not after_step
+    assert torch.equal(decoding_weights(model, torch.bfloat16)[1], other.head.weight.bfloat16())
+    # an in-place edit that goes through neither: caught by the sampled checksum
+    with torch.no_grad():
+        model.layers[1].ff.fc.weight.mul_(2)
+    same, after_edit = features_agree()
+    assert same and after_edit is not after_load
+    # nothing changed: the same copy; forgetting it builds a new one
+    assert decoding_weights(model, torch.bfloat16)[0] is after_edit
+    forget_decoding_weights(model)
+    assert decoding_weights(model, torch.bfloat16)[0] is not after_edit
+
+
+def lowered_copy_of(model):
+    from hilt.generate import lowered_copy
+
+    return lowered_copy(model, torch.bfloat16)
+
+
+def test_generate_calls_reuse_the_decoding_copy(monkeypatch):
+    from hilt import generate as generate_module
+
+    built = []
+    real = generate_module.lowered_copy
+    monkeypatch.setattr(generate_module, "lowered_copy", lambda m, d: built.append(d) or real(m, d))
+    model = tiny_model()
+    ids = torch.randint(0, 97, (1, 4))
+    first = greedy(model, ids, 5, compute_dtype=torch.bfloat16)
+    assert torch.equal(greedy(model, ids, 5, compute_dtype=torch.bfloat16), first)
+    assert built == [torch.bfloat16]
+
+
 def test_single_row_steps_run_without_onednn_and_the_setting_comes_back(monkeypatch):
     from hilt import generate as generate_module
 
@@ -197,8 +271,9 @@ def test_single_row_steps_run_without_onednn_and_the_setting_comes_back(monkeypa
     assert torch.backends.mkldnn.enabled == before
 
 
-def test_beam_search_identical_with_and_without_cache():
-    model = tiny_model(max_seq_len=32)
+@pytest.mark.parametrize("ilt_kind", EVERY_ILT_KIND)
+def test_beam_search_identical_with_and_without_cache(ilt_kind):
+    model = tiny_model(max_seq_len=32, ilt_kind=ilt_kind)
     ids = torch.randint(0, 97, (1, 5))
     a = beam_search(model, ids, 60, beam_width=4, use_cache=True)
     b = beam_search(model, ids, 60, beam_width=4, use_cache=False)
@@ -334,17 +409,25 @@ def test_cli_greedy_is_the_same_with_and_without_cache_and_seeds_repeat(checkpoi
 
 
 def test_cli_runs_the_head_in_trainings_autocast_dtype_and_no_amp_keeps_fp32(checkpoint, capsys, monkeypatch):
-    import hilt.generate as generate_module
+    import hilt.engine as engine_module
     from hilt.device import autocast_dtype
 
     seen = []
-    real = generate_module.stream_tokens
-    monkeypatch.setattr(
-        generate_module, "stream_tokens", lambda *a, **k: seen.append(k["compute_dtype"]) or real(*a, **k)
-    )
+    real = engine_module.Engine.start
+
+    def spying_start(engine):
+        seen.append(
+            (engine.compute_dtype, engine.head_weight.dtype if hasattr(engine, "head_weight") else None)
+        )
+        result = real(engine)
+        seen[-1] = (engine.compute_dtype, engine.head_weight.dtype)
+        return result
+
+    monkeypatch.setattr(engine_module.Engine, "start", spying_start)
     base = ["--model_path", checkpoint, "--max_len", "3", "--device", "cpu"]
     assert run_cli(capsys, *base)[0] == run_cli(capsys, *base, "--no_amp")[0] == 0
-    assert seen == [autocast_dtype(torch.device("cpu")), None]
+    bf16 = autocast_dtype(torch.device("cpu"))
+    assert seen == [(bf16, bf16 or torch.float32), (None, torch.float32)]
 
 
 def test_cli_empty_prompt_starts_from_bos(checkpoint, capsys):

@@ -318,7 +318,8 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--use_cache",
         action="store_true",
-        help="KV cache: reuse earlier tokens' keys/values; same output, several times faster (default off)",
+        help="KV cache for beam search: same output, several times faster (sampling always uses the engine's "
+        "cache; default off)",
     )
     p.add_argument(
         "--seed",
@@ -341,6 +342,18 @@ def add_generate(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="accepted for compatibility; the checkpoint sets the architecture, a different value is an error",
+    )
+    g = p.add_argument_group("batch mode (hilt.engine; docs/generation.md#batched-engine)")
+    g.add_argument(
+        "--prompts_file",
+        default=None,
+        help="generate for every prompt of a file: one per line (.txt) or JSON records with their own "
+        "sampling settings (.jsonl); needs --out",
+    )
+    g.add_argument("--out", default=None, help="results file (JSON lines, in input order)")
+    g.add_argument("--resume", action="store_true", help="keep the finished rows of --out and run the rest")
+    g.add_argument(
+        "--max_slots", type=int, default=16, help="sequences decoded together by the engine (default 16)"
     )
 
 

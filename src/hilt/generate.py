@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -479,25 +480,38 @@ class GenerationConfig:
     top_p: float | None = None
     use_beam_search: bool = False
     beam_width: int = 5
-    use_cache: bool = False
+    use_cache: bool = False  # beam search only: sampling always runs through the engine's cache
     seed: int | None = None  # None = a fresh random seed
     num_samples: int = 1
     stream: bool = False
     device: str = "auto"
     amp: bool = True  # matmuls in bf16 where the hardware has it (as training's autocast); False = fp32
     model_dim: int | None = None  # accepted for compatibility; must match the checkpoint
+    prompts_file: str | None = None  # batch mode: one prompt per line (.txt) or record (.jsonl)
+    out: str | None = None  # batch mode: the results, one JSON record per prompt
+    resume: bool = False  # batch mode: keep the finished rows of --out and run the rest
+    max_slots: int = 16  # sequences decoded together
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
             raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
-        for name in ("top_k", "beam_width", "max_len", "num_samples"):
+        for name in ("top_k", "beam_width", "max_len", "num_samples", "max_slots"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name} must be >= 1, got {value}")
         if self.use_beam_search and self.num_samples > 1:
             raise UserError("--num_samples needs sampling; beam search gives one deterministic result")
+        if self.prompts_file is None and (self.out is not None or self.resume):
+            raise UserError("--out and --resume belong to --prompts_file")
+        if self.prompts_file is not None:
+            if self.out is None:
+                raise UserError("--prompts_file needs --out (the results file)")
+            if self.use_beam_search or self.num_samples > 1:
+                raise UserError(
+                    "--prompts_file samples one continuation per prompt (no beam search, no --num_samples)"
+                )
 
 
 def load_for_generation(cfg: GenerationConfig, device: torch.device):
@@ -512,13 +526,19 @@ def load_for_generation(cfg: GenerationConfig, device: torch.device):
 
 def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str]:
     """Loads the checkpoint, generates ``cfg.num_samples`` continuations of the prompt, prints each (prompt +
-    continuation) to ``out`` (default: stdout) and returns the continuations."""
+    continuation) to ``out`` (default: stdout) and returns the continuations. With ``cfg.prompts_file``, runs
+    the whole file instead (``run_prompts_file``) and returns the texts of the rows it generated."""
     out = out or sys.stdout
     from hilt.device import autocast_dtype, resolve_device
+    from hilt.engine import Engine, SamplingParams
 
+    if cfg.prompts_file is not None:
+        records = read_prompts_file(cfg)  # bad input fails before the model loads
     device = resolve_device(cfg.device)
     model, tokenizer = load_for_generation(cfg, device)
     compute_dtype = autocast_dtype(device, cfg.amp)
+    if cfg.prompts_file is not None:
+        return run_prompts_file(cfg, records, model, tokenizer, compute_dtype)
     ids = tokenizer.encode(cfg.prompt) or [tokenizer.bos_id]  # an empty prompt starts from <BOS>
     context = model.config.max_seq_len
     if len(ids) > context:
@@ -528,53 +548,227 @@ def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str
             file=sys.stderr,
         )
         ids = ids[-context:]
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    generator = torch.Generator(device=device)
-    if cfg.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(cfg.seed)
 
-    texts = []
-    for i in range(cfg.num_samples):
-        if cfg.num_samples > 1:
-            print(f"--- sample {i + 1}/{cfg.num_samples} ---", file=out)
+    if cfg.use_beam_search:
         print(cfg.prompt, end="", file=out, flush=True)
-        if cfg.use_beam_search:
-            new = beam_search(
-                model,
-                input_ids,
-                cfg.max_len,
-                beam_width=cfg.beam_width,
-                use_cache=cfg.use_cache,
-                eos_token_id=tokenizer.eos_id,
-                compute_dtype=compute_dtype,
-            )[0, len(ids) :].tolist()
-            pieces = [tokenizer.decode([t for t in new if t != tokenizer.eos_id])]
-        else:
-            # samples run one after another with one generator, so --stream never changes the text
-            streamer = TextStreamer(tokenizer)
-            pieces = []
-            steps = stream_tokens(
-                model,
-                input_ids,
-                cfg.max_len,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                top_p=cfg.top_p,
-                use_cache=cfg.use_cache,
-                eos_token_id=tokenizer.eos_id,
-                generator=generator,
-                compute_dtype=compute_dtype,
+        new = beam_search(
+            model,
+            torch.tensor([ids], dtype=torch.long, device=device),
+            cfg.max_len,
+            beam_width=cfg.beam_width,
+            use_cache=cfg.use_cache,
+            eos_token_id=tokenizer.eos_id,
+            compute_dtype=compute_dtype,
+        )[0, len(ids) :].tolist()
+        text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+        print(text, file=out, flush=True)
+        return [text]
+
+    # the samples decode together, each with its own generator (seed, seed + 1, ...), so --stream and the
+    # number of samples never change a sample's text
+    seed = cfg.seed if cfg.seed is not None else int(torch.seed() % 2**62)
+    texts = []
+    with Engine(
+        model, tokenizer, max_slots=min(cfg.num_samples, cfg.max_slots), compute_dtype=compute_dtype
+    ) as engine:
+        requests = [
+            engine.submit(
+                ids,
+                SamplingParams(
+                    max_new_tokens=cfg.max_len,
+                    temperature=cfg.temperature,
+                    top_k=cfg.top_k,
+                    top_p=cfg.top_p,
+                    seed=seed + i,
+                ),
             )
-            for token in steps:
-                if token.item() == tokenizer.eos_id:
-                    break
-                pieces.append(streamer.push(token.item()))
-                if cfg.stream and pieces[-1]:
-                    print(pieces[-1], end="", file=out, flush=True)
-            pieces.append(streamer.flush())
-        text = "".join(pieces)
-        print(pieces[-1] if cfg.stream and not cfg.use_beam_search else text, file=out, flush=True)
-        texts.append(text)
+            for i in range(cfg.num_samples)
+        ]
+        for i, request in enumerate(requests):
+            if cfg.num_samples > 1:
+                print(f"--- sample {i + 1}/{cfg.num_samples} ---", file=out)
+            print(cfg.prompt, end="", file=out, flush=True)
+            pieces = []
+            for step in request:
+                pieces.append(step.text)
+                if cfg.stream and step.text:
+                    print(step.text, end="", file=out, flush=True)
+            text = "".join(pieces)
+            print("" if cfg.stream else text, file=out, flush=True)
+            texts.append(text)
     return texts
+
+
+# --- batch mode: a file of prompts through the engine --------------------------------------------------------
+
+# what a .jsonl record may carry besides "prompt": an "id" copied to its result, and SamplingParams' fields
+_RECORD_KEYS = (
+    "id",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "logprobs",
+    "ignore_eos",
+)
+
+
+@dataclass
+class PromptRecord:
+    index: int  # its place in the file's prompts, from 0: the key of its result
+    line: int  # for messages
+    prompt: str
+    params: dict  # SamplingParams fields the record sets
+    id: object = None
+
+
+def read_prompts_file(cfg: GenerationConfig) -> list[PromptRecord]:
+    """The prompts of ``cfg.prompts_file``: each non-blank line of a text file, or each record of a .jsonl file
+    ({"prompt": ..., optional "id" and sampling fields}). Every record's settings are checked here, so a bad one
+    stops the run before anything is generated, naming its line."""
+    import json
+    from pathlib import Path
+
+    from hilt.engine import SamplingParams
+
+    path = Path(cfg.prompts_file)
+    if not path.is_file():
+        raise UserError(f"--prompts_file {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts_file {path} is not UTF-8 text") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        if path.suffix != ".jsonl":
+            records.append(PromptRecord(len(records), number, line, {}))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not a JSON record ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError(f'{where}: a record needs a "prompt" string')
+        unknown = sorted(set(record) - {"prompt", *_RECORD_KEYS})
+        if unknown:
+            raise UserError(
+                f"{where}: unknown field {unknown[0]!r} (known: prompt, {', '.join(_RECORD_KEYS)})"
+            )
+        params = {k: v for k, v in record.items() if k not in ("prompt", "id")}
+        try:
+            _sampling_params(cfg, params, 0, SamplingParams)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{where}: {e}") from None
+        records.append(PromptRecord(len(records), number, record["prompt"], params, record.get("id")))
+    if not records:
+        raise UserError(f"--prompts_file {path} holds no prompts")
+    return records
+
+
+def _sampling_params(cfg: GenerationConfig, own: dict, index: int, cls):
+    """The flags' settings, overridden by the record's own; with --seed, row i's seed is seed + i."""
+    values = dict(
+        max_new_tokens=cfg.max_len,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seed=None if cfg.seed is None else cfg.seed + index,
+    )
+    values.update(own)
+    return cls(**values)
+
+
+def run_prompts_file(cfg: GenerationConfig, records, model, tokenizer, compute_dtype) -> list[str]:
+    """Runs every prompt of the file through one engine and writes ``cfg.out`` (JSON lines, one per prompt).
+
+    Rows are appended (and flushed) as they finish, so an interruption keeps every finished row; when all are
+    done the file is rewritten in input order. ``cfg.resume`` keeps the rows already in ``cfg.out`` (a torn last
+    line is dropped) and runs only the others."""
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from hilt.engine import Engine, SamplingParams
+    from hilt.files import atomic_write
+
+    out_path = Path(cfg.out)
+    done: dict[int, dict] = {}
+    if out_path.exists() and out_path.stat().st_size:
+        if not cfg.resume:
+            raise UserError(f"--out {out_path} exists: --resume continues it, or remove it")
+        for line in out_path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the line a hard kill tore
+            i = row.get("index") if isinstance(row, dict) else None
+            if not isinstance(i, int) or not 0 <= i < len(records) or row.get("prompt") != records[i].prompt:
+                raise UserError(f"--out {out_path} holds results of another prompts file; use another --out")
+            done[i] = row
+
+    def write_all(rows: list[dict]) -> None:
+        atomic_write(
+            out_path,
+            lambda f: f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()),
+        )
+
+    write_all([done[i] for i in sorted(done)])  # drops a torn line before appending
+    todo = [r for r in records if r.index not in done]
+    context = model.config.max_seq_len
+
+    def items():
+        for r in todo:
+            ids = (tokenizer.encode(r.prompt) or [tokenizer.bos_id])[-context:]
+            yield ids, _sampling_params(cfg, r.params, r.index, SamplingParams)
+
+    texts, tokens, started = [], 0, time.perf_counter()
+    bar = tqdm(total=len(records), initial=len(done), unit="prompt", file=sys.stderr, dynamic_ncols=True)
+    try:
+        with (
+            Engine(model, tokenizer, max_slots=cfg.max_slots, compute_dtype=compute_dtype) as engine,
+            out_path.open("a", encoding="utf-8") as f,
+        ):
+            for k, result in engine.generate_iter(items()):
+                record = todo[k]
+                row = {"index": record.index}
+                if record.id is not None:
+                    row["id"] = record.id
+                row.update(
+                    prompt=record.prompt,
+                    text=result.text,
+                    finish_reason=result.finish_reason,
+                    prompt_tokens=len(result.prompt_ids),
+                    completion_tokens=len(result.token_ids),
+                )
+                if result.logprobs is not None:
+                    row.update(logprobs=result.logprobs, top_logprobs=result.top_logprobs)
+                append_row(f, row)
+                done[record.index] = row
+                texts.append(result.text)
+                tokens += len(result.token_ids)
+                bar.update()
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):.1f} tokens/s")
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"{len(done)} of {len(records)} rows are in {out_path}; --resume runs the rest", file=sys.stderr
+        )
+        raise
+    bar.close()
+    write_all([done[i] for i in sorted(done)])  # input order
+    return texts
+
+
+def append_row(f, row: dict) -> None:
+    """One finished row, on disk at once (a test interrupts the run here)."""
+    import json
+
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
