@@ -187,3 +187,116 @@ def test_positions_and_a_mask_make_a_left_padded_row_equal_the_row_alone():
         padded = model(ids, positions=positions, attn_mask=mask[:, None])[:, pad:]
         alone = model(row)
     assert (padded - alone).abs().max() < 1e-5
+
+
+# --- the ILT kinds that read the whole layer history ---------------------------------------------------------
+
+HISTORY_KINDS = ["depth", "depth_multiway", "x0"]
+
+
+def history_model(kind: str, **overrides) -> HierarchicalTransformer:
+    """A history kind with non-zero weights in its modules (they start at exactly 0)."""
+    model = HierarchicalTransformer(tiny_config(ilt_kind=kind, ilt_rank=8, **overrides)).eval()
+    with torch.no_grad():
+        for p in model.ilts.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+def test_ilt_kind_and_rank_are_validated_with_the_allowed_values_named():
+    with pytest.raises(
+        ValueError, match="ilt_kind must be one of design, depth, depth_multiway, x0; got 'deep'"
+    ):
+        ModelConfig(vocab_size=10, ilt_kind="deep")
+    with pytest.raises(ValueError, match=r"ilt_rank \(300\) must be at most d_model \(256\)"):
+        ModelConfig(vocab_size=10, ilt_kind="depth", ilt_rank=300)
+    with pytest.raises(ValueError, match="ilt_rank must be a positive integer"):
+        ModelConfig(vocab_size=10, ilt_rank=0)
+    with pytest.raises(ValueError, match="ilt_gate is a variant of ilt_kind 'design'"):
+        ModelConfig(vocab_size=10, ilt_kind="depth", ilt_gate=True)
+
+
+def test_a_config_without_ilt_kind_loads_as_the_design():
+    """Checkpoints written before the kinds existed carry no ilt_kind or ilt_rank."""
+    old = {k: v for k, v in tiny_config().to_dict().items() if k not in ("ilt_kind", "ilt_rank")}
+    assert ModelConfig.from_dict(old).ilt_kind == "design"
+    assert ModelConfig(vocab_size=10).ilt_kind == "design"
+
+
+@pytest.mark.parametrize("kind", HISTORY_KINDS)
+def test_history_kind_starts_as_the_exact_plain_transformer(kind):
+    torch.manual_seed(4)
+    model = HierarchicalTransformer(tiny_config(ilt_kind=kind, ilt_rank=8)).eval()
+    plain = HierarchicalTransformer(tiny_config(n_layers_ilt=0)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ilts.")})
+    idx = torch.randint(0, 97, (2, 9))
+    assert torch.equal(model(idx), plain(idx))
+    # one module after every main layer; the last multiway module has no next attention to feed
+    assert len(model.ilts) == 3
+    streams = [ilt.streams for ilt in model.ilts]
+    assert streams == ([2, 2, 1] if kind == "depth_multiway" else [1, 1, 1])
+
+
+@pytest.mark.parametrize("kind", HISTORY_KINDS)
+def test_history_kind_is_causal_and_never_mixes_positions(kind):
+    model = history_model(kind)
+    idx = torch.randint(0, 97, (1, 12))
+    changed = idx.clone()
+    changed[0, 7:] = (changed[0, 7:] + 1) % 97
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[0, :7], b[0, :7], atol=1e-6)
+    assert not torch.allclose(a[0, 7:], b[0, 7:])
+    # the module alone: a change at one position moves only that position's modulation
+    ilt = model.ilts[1]
+    sources = [torch.randn(1, 5, 32) for _ in range(3)]
+    h = torch.randn(1, 5, 32)
+    base, _ = ilt(h, sources, [])
+    sources[0] = sources[0].clone()
+    sources[0][0, 3] += 5.0
+    moved, _ = ilt(h, sources, [])
+    assert torch.equal(base[0][0, [0, 1, 2, 4]], moved[0][0, [0, 1, 2, 4]])
+    assert not torch.allclose(base[0][0, 3], moved[0][0, 3])
+
+
+def test_depth_module_computes_its_diagram():
+    """modulation = gate * sum_s softmax(q . k_s / sqrt(r)) source_s + sum_s static_s * source_s, recomputed."""
+    model = history_model("depth")
+    ilt = model.ilts[2]  # after layer 3 of 3: reads x0, d_0, d_1, d_2
+    sources = [torch.randn(2, 4, 32) for _ in range(4)]
+    h = torch.randn(2, 4, 32)
+    (mod,), keys = ilt(h, sources, [])
+    rms = lambda t: t / t.pow(2).mean(-1, keepdim=True).add(torch.finfo(t.dtype).eps).sqrt()  # noqa: E731
+    q = rms(h) @ ilt.query.weight.T  # (2, 4, r)
+    k = torch.stack([rms(s) @ ilt.key.weight.T for s in sources], dim=2)  # (2, 4, S, r)
+    a = ((q[:, :, None] * k).sum(-1) / math.sqrt(8)).softmax(-1)  # (2, 4, S)
+    expected = ilt.gate[0] * sum(a[..., s, None] * sources[s] for s in range(4))
+    expected = expected + sum(ilt.static[0, s] * sources[s] for s in range(4))
+    assert (mod - expected).abs().max() < 1e-5
+    assert len(keys) == 4
+    # keys already made are reused, not recomputed: a module keys only the sources that are new to it
+    (again,), _ = ilt(h, sources, [k[:, :, s] * 0 for s in range(3)])
+    assert not torch.allclose(again, mod)
+
+
+def test_multiway_feeds_the_next_attention_its_own_stream():
+    """Stream 1 reaches only the next layer's attention input: with its weights at 0 the model is the depth kind
+    with the same residual-stream weights."""
+    model = history_model("depth_multiway")
+    idx = torch.randint(0, 97, (1, 8))
+    full = model(idx)
+    with torch.no_grad():
+        for ilt in model.ilts[:-1]:
+            ilt.gate[1].zero_()
+            ilt.static[1].zero_()
+        no_attention_stream = model(idx)
+    assert not torch.allclose(full, no_attention_stream)
+    single = HierarchicalTransformer(tiny_config(ilt_kind="depth", ilt_rank=8)).eval()
+    state = {}
+    for name, value in model.state_dict().items():
+        if name.startswith("ilts.") and name.split(".")[-1] in ("gate", "static"):
+            value = value[:1]
+        elif name.startswith("ilts.") and name.endswith("query.weight"):
+            value = value[:8]
+        state[name] = value
+    single.load_state_dict(state)
+    assert torch.allclose(single(idx), no_attention_stream, atol=1e-6)

@@ -11,6 +11,10 @@ ILT_DIM = 128
 NHEAD_ILT = 2
 N_LAYERS_ILT = 2
 ILT_DROPOUT = 0.1
+
+# which inter-layer module sits between the main layers (hilt.model builds one class per kind)
+ILT_KINDS = ("design", "depth", "depth_multiway", "x0")
+ILT_RANK = 32  # query/key width of the depth kinds' attention over the layer history
 ILT_WINDOW = 2
 MODULATION_SCALE_START = 0.01
 MODULATION_SCALE_END = 0.1
@@ -50,6 +54,12 @@ class ModelConfig:
     )
     ilt_gate: bool = False  # a learned scale per ILT (from modulation_scale_start) replaces the curriculum
     ilt_embed: bool = False  # each ILT also sees the token embedding, first in its layer window
+    # "design": the seed's ILT above. The others read the whole layer history at each token, start as an exact
+    # plain transformer and ignore the design-only fields (ilt_dim, nhead_ilt, ilt_window, the curriculum, ...):
+    # "depth" and "depth_multiway" attend over the embedding and every earlier layer's contribution (rank
+    # ilt_rank), "x0" only adds a learned multiple of the embedding (the baseline the other two must beat)
+    ilt_kind: str = "design"
+    ilt_rank: int = ILT_RANK
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -81,6 +91,21 @@ class ModelConfig:
         if self.ilt_dim % self.nhead_ilt:
             raise ValueError(
                 f"ModelConfig.ilt_dim ({self.ilt_dim}) must be divisible by nhead_ilt ({self.nhead_ilt})"
+            )
+        if self.ilt_kind not in ILT_KINDS:
+            raise ValueError(
+                f"ModelConfig.ilt_kind must be one of {', '.join(ILT_KINDS)}; got {self.ilt_kind!r}"
+            )
+        if not isinstance(self.ilt_rank, int) or isinstance(self.ilt_rank, bool) or self.ilt_rank < 1:
+            raise ValueError(f"ModelConfig.ilt_rank must be a positive integer, got {self.ilt_rank!r}")
+        if self.ilt_rank > self.d_model:
+            raise ValueError(
+                f"ModelConfig.ilt_rank ({self.ilt_rank}) must be at most d_model ({self.d_model})"
+            )
+        design_only = [n for n in ("ilt_zero_init", "ilt_gate", "ilt_embed") if getattr(self, n)]
+        if self.ilt_kind != "design" and design_only:
+            raise ValueError(
+                f"ModelConfig.{design_only[0]} is a variant of ilt_kind 'design', not of {self.ilt_kind!r}"
             )
         for name in ("dropout", "ilt_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:

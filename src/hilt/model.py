@@ -4,7 +4,8 @@ Inter-Layer Transformers (ILTs).
 Read bottom-up: positions -> attention -> feed-forward -> layer -> ILT -> whole model.
 
 Shape legend: B batch, T tokens in this call, S tokens attended to (cache + new), C d_model,
-H heads, D head size (C // H), W layer window of an ILT, E ilt_dim, V vocab_size.
+H heads, D head size (C // H), W layer window of an ILT, E ilt_dim, V vocab_size. In the history kinds' modules
+(depth, depth_multiway, x0) S is instead the number of sources (embedding + layers so far), r ilt_rank, w streams.
 """
 
 from __future__ import annotations
@@ -157,8 +158,10 @@ class TransformerLayer(nn.Module):
         cache: KVCache | None = None,
         layer_idx: int = 0,
         attn_mask: torch.Tensor | None = None,
+        attn_input: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache, layer_idx, attn_mask)
+        """``attn_input``: what the attention reads instead of x (ilt_kind depth_multiway); the residual is x."""
+        x = x + self.attn(self.ln1(x if attn_input is None else attn_input), cache, layer_idx, attn_mask)
         return x + self.ff(self.ln2(x))
 
 
@@ -223,6 +226,118 @@ class InterLayerTransformer(nn.Module):
         return self.proj_out(x).view(B, T, C)
 
 
+# --- ILT kinds that read the whole layer history (ilt_kind != "design") -----------------------------------------
+# One module follows every main layer. Its "sources" are what the residual stream is a sum of: the embedding x0
+# and each main layer's contribution so far (layer output - layer input). Every module returns
+# (modulations, keys): one modulation (B, T, C) per stream it feeds, and the keys of all sources so far, so each
+# source is keyed once, by the module after the layer that made it, and the key is reused by every later module.
+# All of them start at exactly 0, so step 0 is the plain transformer; no fixed scale shrinks them.
+
+
+class DepthAttentionILT(nn.Module):
+    """ilt_kind "depth": per token, a single-head low-rank attention over the layer history plus a static weight
+    per source, added to the residual stream after main layer i (S = i + 2 sources, r = ilt_rank).
+
+    For every token position independently (positions are never mixed, so a KV cache stays exact)::
+
+        sources: x0 (embedding), d_0 .. d_i (each main layer's contribution)       (B,T,S,C)
+           │ each new one: RMSNorm ─> Linear C→r ─> key ───────────┐                (B,T,S,r)
+           │                                                      ▼
+        h (B,T,C), state after layer i ─> RMSNorm ─> Linear C→r ─> query ─> softmax over sources of
+           │                                        (zero init)          query·key / sqrt(r) = a (B,T,S)
+           ▼
+        modulation = gate ⊙ Σ_s a_s source_s  +  Σ_s static_s ⊙ source_s                (B,T,C)
+                     └ per token, dynamic ┘      └ per channel: a direct path to x0 from step 0 ┘
+        h' = h + modulation               (gate and static start at 0: exactly the plain transformer)
+
+    The static part is x0 mixing (modded-nanogpt) and DenseFormer generalised to every source; the dynamic part
+    is Attention Residuals' input-dependent query (keys RMS-normed) at low rank.
+    """
+
+    def __init__(self, d_model: int, rank: int, n_sources: int, streams: int = 1):
+        super().__init__()
+        self.rank, self.streams = rank, streams
+        self.key = nn.Linear(d_model, rank, bias=False)  # keys the sources that are new to this module
+        self.query = nn.Linear(d_model, streams * rank, bias=False)
+        self.gate = nn.Parameter(torch.zeros(streams, d_model))
+        self.static = nn.Parameter(torch.zeros(streams, n_sources, d_model))
+
+    def reset_parameters(self) -> None:
+        """Zero query, gate and static weights (called after the model's own init, which draws every Linear)."""
+        for p in (self.query.weight, self.gate, self.static):
+            nn.init.zeros_(p)
+
+    def keys(self, sources: list[torch.Tensor], keys: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The keys of all sources: those already made, then this module's keys of the new ones, each (B, T, r)."""
+        return keys + [self.key(F.rms_norm(s, s.shape[-1:])) for s in sources[len(keys) :]]
+
+    def weights(self, h: torch.Tensor, keys: list[torch.Tensor]) -> torch.Tensor:
+        """The attention of each stream over the sources, (B, T, streams, S)."""
+        B, T, C = h.shape
+        q = self.query(F.rms_norm(h, (C,))).view(B, T, self.streams, self.rank)  # (B, T, w, r)
+        k = torch.stack(keys, dim=3)  # (B, T, r, S)
+        return (q @ k * self.rank**-0.5).softmax(dim=-1)  # (B, T, w, S)
+
+    def forward(
+        self, h: torch.Tensor, sources: list[torch.Tensor], keys: list[torch.Tensor]
+    ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+        keys = self.keys(sources, keys)
+        stacked = torch.stack(sources, dim=2)  # (B, T, S, C)
+        dynamic = self.weights(h, keys) @ stacked  # (B, T, w, C)
+        static = (stacked.unsqueeze(2) * self.static).sum(dim=3)  # (B, T, w, C)
+        modulation = self.gate * dynamic + static  # (B, T, w, C)
+        return modulation.unbind(dim=2), keys
+
+
+class DepthMultiwayILT(DepthAttentionILT):
+    """ilt_kind "depth_multiway": DepthAttentionILT with two streams, as MUDDFormer feeds separate mixtures to
+    attention and residual: one query, gate and static weight set for the residual stream, one more for the next
+    main layer's attention input (its q, k and v read it; its residual and feed-forward do not)::
+
+        sources, keys (as in DepthAttentionILT) ──┬─ stream 0: residual       ─> h' = h + modulation_0
+        h, state after layer i ───────────────────┴─ stream 1: next attention ─> h' + modulation_1
+                                                                                  ▼
+        next layer:  h'' = h' + attn(LN(h' + modulation_1));  h'' + ff(LN(h''))
+
+    With stream 1 at 0 it is the depth kind. The module after the last layer has no next attention to feed, so
+    it keeps only the residual stream.
+    """
+
+    def __init__(self, d_model: int, rank: int, n_sources: int, last: bool = False):
+        super().__init__(d_model, rank, n_sources, streams=1 if last else 2)
+
+
+class X0MixILT(nn.Module):
+    """ilt_kind "x0": no attention, the baseline the depth kinds must beat: a learned per-channel multiple of the
+    embedding added to the residual stream after every main layer (modded-nanogpt's x0 mixing)::
+
+        x0 (B,T,C) ─> lambda ⊙ x0 ─> modulation ;  h' = h + modulation      (lambda starts at 0)
+    """
+
+    streams = 1
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.static = nn.Parameter(torch.zeros(1, 1, d_model))  # (streams, sources, C), like the depth kinds
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.static)
+
+    def forward(
+        self, h: torch.Tensor, sources: list[torch.Tensor], keys: list[torch.Tensor]
+    ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
+        return (self.static[0, 0] * sources[0],), keys
+
+
+def history_ilt(kind: str, c: ModelConfig, layer: int) -> nn.Module:
+    """The module of ``kind`` that follows main layer ``layer`` (0-based)."""
+    if kind == "x0":
+        return X0MixILT(c.d_model)
+    if kind == "depth":
+        return DepthAttentionILT(c.d_model, c.ilt_rank, layer + 2)
+    return DepthMultiwayILT(c.d_model, c.ilt_rank, layer + 2, last=layer == c.n_layers - 1)
+
+
 # --- the whole model -----------------------------------------------------------------------------------------
 
 
@@ -243,19 +358,24 @@ class HierarchicalTransformer(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(c.d_model, c.n_heads, c.d_ff, c.dropout) for _ in range(c.n_layers)
         )
-        # ILT i sits between main layers i and i + 1; none at all for the plain-transformer baseline
-        n_ilts = c.n_layers - 1 if c.n_layers_ilt > 0 else 0
-        self.ilts = nn.ModuleList(
-            InterLayerTransformer(
-                c.d_model,
-                c.ilt_dim,
-                c.nhead_ilt,
-                c.n_layers_ilt,
-                c.ilt_dropout,
-                gate=c.modulation_scale_start if c.ilt_gate else None,
+        # design: ILT i sits between main layers i and i + 1; the other kinds: one module after every main layer;
+        # none at all for the plain-transformer baseline (n_layers_ilt = 0)
+        if c.n_layers_ilt == 0:
+            self.ilts = nn.ModuleList()
+        elif c.ilt_kind == "design":
+            self.ilts = nn.ModuleList(
+                InterLayerTransformer(
+                    c.d_model,
+                    c.ilt_dim,
+                    c.nhead_ilt,
+                    c.n_layers_ilt,
+                    c.ilt_dropout,
+                    gate=c.modulation_scale_start if c.ilt_gate else None,
+                )
+                for _ in range(c.n_layers - 1)
             )
-            for _ in range(n_ilts)
-        )
+        else:
+            self.ilts = nn.ModuleList(history_ilt(c.ilt_kind, c, i) for i in range(c.n_layers))
         self.ln_f = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_weights:
@@ -268,6 +388,9 @@ class HierarchicalTransformer(nn.Module):
         if c.ilt_zero_init:  # ReZero / DenseFormer style: every modulation is exactly 0 at step 0
             for ilt in self.ilts:
                 nn.init.zeros_(ilt.proj_out.weight)
+        if c.ilt_kind != "design":
+            for ilt in self.ilts:
+                ilt.reset_parameters()
         self.use_cpu_kernels(cpu_kernels)
 
     @staticmethod
@@ -340,6 +463,11 @@ class HierarchicalTransformer(nn.Module):
             pos = self.pos.at(positions)  # (B, T, C)
         # sqrt(d_model) keeps token identity from drowning in the unit-amplitude sinusoids (Vaswani et al.)
         x = self.drop(self.embed(idx) * self.embed_scale + pos)  # (B, T, C)
+        if self.config.ilt_kind != "design" and self.ilts:
+            x = self.history_layers(x, cache, attn_mask)
+            if cache is not None:
+                cache.advance(T)
+            return self.ln_f(x)
         embedded = x  # what the ilt_embed variant puts first in every ILT's window
         window: list[torch.Tensor] = []  # the latest main-layer outputs, oldest first
         for i, layer in enumerate(self.layers):
@@ -353,6 +481,21 @@ class HierarchicalTransformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)
+
+    def history_layers(
+        self, x: torch.Tensor, cache: KVCache | None, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The main layers with the modules of a history kind (depth, depth_multiway, x0) between them: embedded
+        input (B, T, C) -> last layer's state (B, T, C), modulated. The kinds ignore modulation_scale."""
+        sources, keys = [x], []  # x0, then each layer's contribution; their keys
+        attn_input = None  # depth_multiway: the next attention's own input
+        for i, (layer, ilt) in enumerate(zip(self.layers, self.ilts, strict=True)):
+            y = layer(x, cache, i, attn_mask, attn_input)
+            sources.append(y - x)
+            modulations, keys = ilt(y, sources, keys)
+            x = y + modulations[0]
+            attn_input = x + modulations[1] if len(modulations) > 1 else None
+        return x
 
     def num_parameters(self, ilt_only: bool = False) -> int:
         params = self.ilts.parameters() if ilt_only else self.parameters()
