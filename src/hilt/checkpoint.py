@@ -117,7 +117,7 @@ def load_model_and_tokenizer(path: str | Path, device: torch.device, requested: 
     from hilt.tokenizer import Tokenizer
 
     if Path(path).is_dir():
-        from hilt.hf.export import load_exported
+        from hilt.exported import load_exported  # json + safetensors: no transformers import (seconds)
 
         model, tokenizer, ckpt = load_exported(path, device)
         check_compatible(ckpt, model.config, path, requested=requested)

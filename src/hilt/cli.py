@@ -464,6 +464,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model_path",
+        required=True,
+        help="checkpoint to export, e.g. runs/x/best_model.pt (or an exported folder)",
+    )
+    p.add_argument("--out_dir", required=True, help="the Hugging Face folder to write, e.g. hf/x")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty --out_dir (default off)"
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hilt.hf.export import export
+
+    out = export(args.model_path, args.out_dir, overwrite=args.overwrite)
+    print(f"Exported {args.model_path} to {out} (docs/huggingface.md shows how to load it)")
+    return 0
+
+
 # name -> (add flags, run, help). Other modules add rows here as the toolkit grows.
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (add_train, cmd_train, "train a model on a text file"),
@@ -473,6 +493,7 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "plot": (add_plot, cmd_plot, "draw training curves of one or more runs as a PNG"),
     "inspect": (add_inspect, cmd_inspect, "print what each ILT does on a prompt and save a heat map"),
     "prepare": (add_prepare, cmd_prepare, "tokenize an input into the token cache ahead of training"),
+    "export": (add_export, cmd_export, "write a checkpoint as a Hugging Face transformers folder"),
 }
 
 
