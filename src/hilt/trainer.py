@@ -1,9 +1,11 @@
 """The training loop: AdamW, mixed precision, gradient accumulation and clipping, the LR schedule, per-epoch
 validation, and checkpoints that resume exactly.
 
-The ``Trainer`` knows nothing about tokenizers, files or ILTs: it gets a model (optionally wrapped, e.g. in DDP),
-two ``TokenBatches`` and a ``TrainConfig``, and passes the model its training progress, as it passes the LR
-schedule its step. ``hilt.train.run_training`` is the glue the CLI calls.
+The ``Trainer`` knows nothing about tokenizers or files: it gets a model (optionally wrapped, e.g. in DDP), two
+``TokenBatches`` and a ``TrainConfig``. Nor does it know how ILTs train: it passes the model its training progress,
+as it passes the LR schedule its step, and the model's curriculum turns that into a modulation scale. Its one
+look at the ILTs is a diagnostic, logging ``hilt.ilt_stats`` every ``--ilt_stats_every`` steps.
+``hilt.train.run_training`` is the glue the CLI calls.
 """
 
 from __future__ import annotations
