@@ -1,8 +1,19 @@
 """Do ILTs help? Every arm trains on the same data with the same FLOP budget, for several seeds, and is judged by
 its validation loss. The README's "Do ILTs help? (ablation)" table comes from this script:
 
-    .venv/bin/python benchmarks/ablation.py                   # the full run (about 30 min on 2 idle CPU cores)
+    .venv/bin/python benchmarks/ablation.py                   # --scale reduced: today's table (~8-30 min)
     .venv/bin/python benchmarks/ablation.py --smoke           # the whole pipeline at a tiny budget (~1 min)
+    .venv/bin/python benchmarks/ablation.py --scale small --arms plain,x0,depth --seeds 3 --resume
+    .venv/bin/python benchmarks/ablation.py --scale medium --resume
+
+Scales (each flag below still overrides its preset):
+  reduced  d_model 128 / 4 layers on data.txt, 2e12 FLOPs per run (~330 plain steps, mid-descent), 3 seeds;
+  small    the same model at 2e13 FLOPs (~3,300 plain steps, 8 passes over the data), 5 seeds, 16 validations;
+  medium   d_model 256 / 6 layers / 8 heads on ../shared/data/kjv.txt, 1.5e14 FLOPs (~4,700 plain steps), 5
+           seeds, 20 validations.
+Every finished run is appended at once to OUT_DIR/ablation[_SCALE]_runs.jsonl (committed with the results), so
+``--resume`` continues an interrupted ablation, in this session or a later one, and adding arms or seeds to a
+finished one runs only what is missing.
 
 Arms (the ILT flags not named stay at their defaults: n_layers_ilt 2, nhead_ilt 2, window 2, dropout 0.1,
 curriculum 0.01 -> 0.1):
@@ -14,7 +25,13 @@ curriculum 0.01 -> 0.1):
   gate       ILT variant: a learned scale per ILT instead of the fixed curriculum;
   embed      ILT variant: the token embedding is added to each ILT's window (DenseFormer's access to the input);
   ilt_off    control: hilt with modulation_scale 0, so the ILTs cost what they cost but add nothing. hilt minus
-             ilt_off (paired by seed) is the ILTs' own effect, apart from their cost and from seed noise.
+             ilt_off (paired by seed) is the ILTs' own effect, apart from their cost and from seed noise;
+  x0         plain + x0 mixing (ilt_kind x0): the stronger baseline; an ILT kind that beats plain only through
+             its path to the embedding has not shown that attending over layers adds anything;
+  depth      ilt_kind depth: per-token attention over the embedding and every layer's contribution + static
+             per-source weights (rank ilt_rank, 32);
+  depth_multiway  ilt_kind depth_multiway: depth with a second stream into the next layer's attention input.
+Deltas are paired by seed (same data order, same main-layer initialisation) against plain and against x0.
 
 Equal cost: each arm gets ``--budget`` training FLOPs, counted analytically by ``hilt.flops`` (PaLM's convention:
 2 FLOPs per multiply-add of every matmul, attention over the full window, backward = 2x forward; the count is
@@ -81,7 +98,33 @@ VARIANTS = [
         "control: hilt with modulation_scale 0",
         {"modulation_scale_start": 0.0, "modulation_scale_end": 0.0},
     ),
+    Arm("x0", "plain + x0 mixing (ilt_kind x0)", {"ilt_kind": "x0"}),
+    Arm("depth", "attention over the layer history", {"ilt_kind": "depth"}),
+    Arm("depth_multiway", "depth + a stream into the next attention", {"ilt_kind": "depth_multiway"}),
 ]
+
+SCALES = {
+    "reduced": dict(budget=2e12, seeds=3, evals=4),
+    "small": dict(budget=2e13, seeds=5, evals=16),
+    "medium": dict(
+        budget=1.5e14,
+        seeds=5,
+        evals=20,
+        text_file=str(REPO.parent / "shared" / "data" / "kjv.txt"),
+        d_model=256,
+        n_layers=6,
+        n_heads=8,
+        ilt_dim=128,
+    ),
+}
+DEFAULTS = dict(
+    text_file=str(REPO / "data.txt"),
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    ilt_dim=64,
+)
+REFERENCES = ("plain", "x0")  # arms every other arm's loss is compared with, paired by seed
 
 
 # --- cost ----------------------------------------------------------------------------------------------------
@@ -195,6 +238,11 @@ def run_one(task: dict) -> dict:
             while trainer.batch_in_epoch < len(train):
                 trainer.train_step(order)
             seconds += time.perf_counter() - t0
+            if trainer.global_step != (epoch + 1) * steps_per_eval:  # the trap: an epoch is at most one pass
+                raise RuntimeError(
+                    f"{task['arm']} seed {seed}: {trainer.global_step} steps after validation {epoch + 1}, "
+                    f"planned {(epoch + 1) * steps_per_eval}: more validations (--evals) are needed"
+                )
             trainer.end_epoch()  # validation, metrics, checkpoints: exactly what `hilt train` does
             flops = trainer.global_step * B * T * task["cost"]["train_flops_per_token"]
             curve.append(
@@ -244,7 +292,7 @@ def summarise(results: list[dict], arms: list[Arm], costs: dict) -> list[dict]:
     by_arm = {
         a.name: sorted((r for r in results if r["arm"] == a.name), key=lambda r: r["seed"]) for a in arms
     }
-    ref = {r["seed"]: r["val_loss"] for r in by_arm.get("hilt", [])}
+    refs = {name: {r["seed"]: r["val_loss"] for r in by_arm.get(name, [])} for name in ("hilt", *REFERENCES)}
     # equal wall-clock: every arm's loss when the fastest arm's runs were done (mean training time)
     t_equal = min(statistics.fmean(r["train_seconds"] for r in runs) for runs in by_arm.values() if runs)
     rows = []
@@ -254,8 +302,12 @@ def summarise(results: list[dict], arms: list[Arm], costs: dict) -> list[dict]:
             continue
         loss, loss_sd = mean_std([r["val_loss"] for r in runs])
         # paired by seed (same data order, same main-layer initialisation): the fair way to compare arms
-        delta = [r["val_loss"] - ref[r["seed"]] for r in runs if r["seed"] in ref]
-        d, d_sd = mean_std(delta) if delta else (math.nan, math.nan)
+        deltas = {}
+        for name, ref in refs.items():
+            delta = [r["val_loss"] - ref[r["seed"]] for r in runs if r["seed"] in ref]
+            d, d_sd = mean_std(delta) if delta else (math.nan, math.nan)
+            deltas[f"delta_vs_{name}"], deltas[f"delta_vs_{name}_sd"] = d, d_sd
+            deltas[f"delta_vs_{name}_seeds"] = len(delta)
         secs, _ = mean_std([r["train_seconds"] for r in runs])
         at_t, at_t_sd = mean_std([loss_at(r["curve"], "seconds", t_equal) for r in runs])
         rows.append(
@@ -269,8 +321,7 @@ def summarise(results: list[dict], arms: list[Arm], costs: dict) -> list[dict]:
                 "tokens": runs[0]["tokens"],
                 "val_loss": loss,
                 "val_loss_sd": loss_sd,
-                "delta_vs_hilt": d,
-                "delta_vs_hilt_sd": d_sd,
+                **deltas,
                 "train_seconds": secs,
                 "equal_seconds": t_equal,
                 "val_loss_at_equal_seconds": at_t,
@@ -281,18 +332,28 @@ def summarise(results: list[dict], arms: list[Arm], costs: dict) -> list[dict]:
     return rows
 
 
+def delta_cell(row: dict, ref: str) -> str:
+    """Paired Δ as mean ± sd (n seeds); — for the reference itself or when the reference has not run."""
+    if row["arm"] == ref or not row.get(f"delta_vs_{ref}_seeds"):
+        return "—"
+    return f"{row[f'delta_vs_{ref}']:+.4f} ± {row[f'delta_vs_{ref}_sd']:.4f} ({row[f'delta_vs_{ref}_seeds']})"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
+    refs = ("hilt", *REFERENCES)
     lines = [
-        "| arm | what | params (non-emb.) | train FLOPs/token | steps | val loss (mean ± sd) | Δ vs hilt (paired) "
-        f"| train s | val loss at {rows[0]['equal_seconds']:.0f} s | tokens/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| arm | what | params (non-emb.) | train FLOPs/token | steps | seeds | val loss (mean ± sd) | "
+        + " | ".join(f"Δ vs {ref} (paired)" for ref in refs)
+        + f" | train s | val loss at {rows[0]['equal_seconds']:.0f} s | tokens/s |",
+        "| --- " * (10 + len(refs)) + "|",
     ]
     for r in rows:
-        delta = "—" if r["arm"] == "hilt" else f"{r['delta_vs_hilt']:+.4f} ± {r['delta_vs_hilt_sd']:.4f}"
         lines.append(
             f"| {r['arm']} | {r['what']} | {r['params'] / 1e6:.3f}M ({r['params_non_embedding'] / 1e6:.3f}M) "
-            f"| {r['train_flops_per_token'] / 1e6:.2f}M | {r['steps']} | {r['val_loss']:.4f} ± {r['val_loss_sd']:.4f} "
-            f"| {delta} | {r['train_seconds']:.0f} | {r['val_loss_at_equal_seconds']:.4f} ± "
+            f"| {r['train_flops_per_token'] / 1e6:.2f}M | {r['steps']} | {r['seeds']} | {r['val_loss']:.4f} ± "
+            f"{r['val_loss_sd']:.4f} | "
+            + " | ".join(delta_cell(r, ref) for ref in refs)
+            + f" | {r['train_seconds']:.0f} | {r['val_loss_at_equal_seconds']:.4f} ± "
             f"{r['val_loss_at_equal_seconds_sd']:.4f} | {r['tokens_per_second']:,.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -335,20 +396,44 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def too_few_evals(steps: int, evals: int, batches_per_pass: int) -> str | None:
+    """Why ``steps`` cannot be trained in ``evals`` stretches of at most one pass each (the Trainer's epoch, which
+    run_one uses as the stretch between two validations, never spans passes), or None."""
+    if -(-steps // evals) <= batches_per_pass:
+        return None
+    return (
+        f"{steps} steps in {evals} validations is {-(-steps // evals)} steps between two, more than one pass "
+        f"over the data ({batches_per_pass} batches): use --evals {-(-steps // batches_per_pass)} or more"
+    )
+
+
 # --- main ----------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--text_file", default=str(REPO / "data.txt"))
+    p.add_argument(
+        "--scale",
+        choices=list(SCALES),
+        default="reduced",
+        help="preset of budget, seeds, validations, data and model size (default reduced; see the top of the file)",
+    )
+    p.add_argument("--text_file", default=None, help="training text (default: the scale's)")
     p.add_argument(
         "--out_dir", default=str(REPO / "benchmarks" / "results"), help="table, plot and JSON go here"
     )
-    p.add_argument("--work_dir", default="/tmp/hilt_ablation", help="tokens, per-run metrics and logs")
-    p.add_argument("--budget", type=float, default=2e12, help="training FLOPs per run (default 2e12)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--work_dir", default=None, help="tokens, per-run metrics and logs (default /tmp/hilt_ablation/SCALE)"
+    )
+    p.add_argument("--budget", type=float, default=None, help="training FLOPs per run (default: the scale's)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (default: the scale's)")
     p.add_argument("--arms", default=",".join(a.name for a in VARIANTS), help="comma-separated subset")
-    p.add_argument("--evals", type=int, default=4, help="validations per run, evenly spaced (default 4)")
+    p.add_argument(
+        "--evals",
+        type=int,
+        default=None,
+        help="validations per run, evenly spaced; at most one pass over the data between two (default: the scale's)",
+    )
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each (default 2)")
     p.add_argument("--tokenizer", default="bpe1024", help="bpeN (trained here) or gpt2 (default bpe1024)")
     p.add_argument(
@@ -357,19 +442,29 @@ def main(argv: list[str] | None = None) -> int:
         default=16384,
         help="validate on the first N held-out tokens; 0 = all (default 16384)",
     )
-    p.add_argument("--d_model", type=int, default=128)
-    p.add_argument("--n_layers", type=int, default=4)
-    p.add_argument("--n_heads", type=int, default=4)
-    p.add_argument("--ilt_dim", type=int, default=64)
+    p.add_argument("--d_model", type=int, default=None)
+    p.add_argument("--n_layers", type=int, default=None)
+    p.add_argument("--n_heads", type=int, default=None)
+    p.add_argument("--ilt_dim", type=int, default=None)
+    p.add_argument("--ilt_rank", type=int, default=32, help="rank of the depth kinds' attention (default 32)")
     p.add_argument("--seq_len", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--smoke", action="store_true", help="tiny budget, 2 seeds, capped validation: seconds")
-    p.add_argument("--resume", action="store_true", help="skip runs already in WORK_DIR/results.jsonl")
+    p.add_argument(
+        "--resume", action="store_true", help="skip runs already in OUT_DIR/ablation[_SCALE]_runs.jsonl"
+    )
+    p.add_argument("--fresh", action="store_true", help="discard the runs file's runs and start over")
     args = p.parse_args(argv)
+    for key, value in {**DEFAULTS, **SCALES[args.scale]}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.work_dir is None:
+        args.work_dir = f"/tmp/hilt_ablation/{args.scale}"
     if args.smoke:
         args.budget, args.seeds, args.evals, args.val_tokens = 1e11, 2, 2, 1024
         args.out_dir = str(Path(args.work_dir) / "smoke")
+    stem = "ablation" if args.scale == "reduced" else f"ablation_{args.scale}"
 
     work, out = Path(args.work_dir), Path(args.out_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -405,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         n_layers=args.n_layers,
         n_heads=args.n_heads,
         ilt_dim=args.ilt_dim,
+        ilt_rank=args.ilt_rank,
         max_seq_len=args.seq_len,
     )
     wanted = args.arms.split(",")
@@ -431,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{c['train_flops_per_token'] / 1e6:.2f}M train FLOPs/token (torch's count / ours: "
             f"{c['flop_count_check']:.3f}) | {c['steps']} steps"
         )
+    # the trap this guards against: an epoch (the stretch between two validations) holds at most one pass over
+    # the training tokens, so a budget needing more steps than `evals` passes would silently train less
+    per_pass = len(TokenBatches(np.asarray(train_tokens), args.seq_len, args.batch_size))
+    problem = too_few_evals(max(costs[a.name]["steps"] for a in arms), args.evals, per_pass)
+    if problem:
+        p.error(problem)
     print(
         f"{len(train_tokens):,} train / {len(val_tokens):,} val tokens ({tokenizer.name}) | budget {args.budget:.2e} "
         f"FLOPs per run | {len(arms)} arms x {args.seeds} seeds on {args.workers} workers",
@@ -456,12 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds)
         for arm in arms
     ]
-    # every finished run is appended to results.jsonl at once; --resume reuses those made with the same settings
-    done_file = work / "results.jsonl"
+    # every finished run is appended to the runs file at once; --resume reuses those made with the same settings
+    done_file = out / f"{stem}_runs.jsonl"
     settings = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("workers", "out_dir", "work_dir", "resume", "arms", "seeds")
+        if k not in ("workers", "out_dir", "work_dir", "resume", "fresh", "arms", "seeds")
     }
     results = []
     if args.resume and done_file.exists():
@@ -469,10 +571,14 @@ def main(argv: list[str] | None = None) -> int:
             r for r in map(json.loads, done_file.read_text().splitlines()) if r["settings"] == settings
         ]
         print(f"--resume: {len(results)} runs already done")
+    elif done_file.exists() and done_file.stat().st_size and not args.fresh:
+        p.error(f"{done_file} holds finished runs: --resume continues them, --fresh discards them")
     else:
         done_file.unlink(missing_ok=True)
     done = {(r["arm"], r["seed"]) for r in results}
     tasks = [t for t in tasks if (t["arm"], t["seed"]) not in done]
+    # --arms and --seeds choose what runs now; the table reports every finished run of the chosen arms
+    results = [r for r in results if r["arm"] in wanted]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for r in pool.imap_unordered(run_one, tasks):
             r["settings"] = settings
@@ -497,14 +603,14 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": {"train": len(train_tokens), "val": len(val_tokens), "tokenizer": tokenizer.name},
     }
     table = markdown(rows, meta)
-    (out / "ablation.md").write_text(table)
-    (out / "ablation.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": results}, indent=1))
-    plot(results, arms, out / "ablation.png")
+    (out / f"{stem}.md").write_text(table)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": results}, indent=1))
+    plot(results, arms, out / f"{stem}.png")
     print("\n" + table)
     print(
         f"{meta['machine']} | {meta['wall_seconds'] / 60:.1f} min | load average {load_start} -> {meta['load_average_end']}"
     )
-    print(f"Wrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'ablation.png'}")
+    print(f"Wrote {out / stem}.md, .json, .png and {done_file.name}")
     return 0
 
 

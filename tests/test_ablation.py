@@ -21,8 +21,17 @@ REDUCED = dict(vocab_size=1024, d_model=128, n_layers=4, n_heads=4, ilt_dim=64, 
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"n_layers_ilt": 0}, {"ilt_embed": True}, {"ilt_gate": True}, {"ilt_window": 3}],
-    ids=["hilt", "plain", "embed", "gate", "window3"],
+    [
+        {},
+        {"n_layers_ilt": 0},
+        {"ilt_embed": True},
+        {"ilt_gate": True},
+        {"ilt_window": 3},
+        {"ilt_kind": "depth", "ilt_rank": 8},
+        {"ilt_kind": "depth_multiway", "ilt_rank": 8},
+        {"ilt_kind": "x0"},
+    ],
+    ids=["hilt", "plain", "embed", "gate", "window3", "depth", "depth_multiway", "x0"],
 )
 def test_analytic_flops_equal_torchs_count(overrides):
     config = ablation.model_config(TINY, overrides)
@@ -60,12 +69,14 @@ def test_summary_pairs_seeds_and_reads_losses_at_equal_time():
         np.std([4.0, 4.2], ddof=1)
     )
     assert plain["delta_vs_hilt"] == pytest.approx((-0.1 - 0.2) / 2)  # per seed: 3.9 - 4.0 and 4.0 - 4.2
+    assert hilt["delta_vs_plain"] == pytest.approx(0.15) and hilt["delta_vs_plain_seeds"] == 2
+    assert hilt["delta_vs_x0_seeds"] == 0  # no x0 arm ran: its column says so
     # plain finished in 10 s; hilt was half-way then: loss + 1 at its first validation
     assert plain["equal_seconds"] == 10.0
     assert hilt["val_loss_at_equal_seconds"] == pytest.approx(5.1)
     assert plain["val_loss_at_equal_seconds"] == pytest.approx(3.95)
     table = ablation.markdown([hilt, plain], {})
-    assert "| plain |" in table and "-0.1500 ± 0.0707" in table
+    assert "| plain |" in table and "-0.1500 ± 0.0707 (2)" in table and "+0.1500 ± 0.0707 (2)" in table
 
 
 def test_one_run_trains_its_budgeted_steps_with_the_real_trainer(tmp_path):
@@ -89,3 +100,23 @@ def test_one_run_trains_its_budgeted_steps_with_the_real_trainer(tmp_path):
     epochs = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["kind"] == "epoch"]
     assert [e["val_loss"] for e in epochs] == [p["val_loss"] for p in result["curve"]]
     assert not list(run_dir.glob("*.pt"))
+
+
+def test_a_budget_longer_than_the_validations_allow_fails_loudly(tmp_path):
+    """An epoch never spans passes over the data: 3,296 steps in 4 validations of at most 405 batches each would
+    silently stop at 1,620. The script refuses before training; a run that still came up short raises."""
+    assert ablation.too_few_evals(3296, 16, 405) is None
+    assert "use --evals 9 or more" in ablation.too_few_evals(3296, 4, 405)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "train.npy", rng.integers(0, 97, 2000).astype(np.uint16))  # 124 windows: 31 batches of 4
+    np.save(tmp_path / "val.npy", rng.integers(0, 97, 300).astype(np.uint16))
+    config = ablation.model_config(TINY, {"n_layers_ilt": 0})
+    task = {"arm": "plain", "overrides": {"n_layers_ilt": 0}, "seed": 0, "steps": 80, "cost": ablation.cost(config, 16),
+            "base": TINY, "work": str(tmp_path), "text_file": "unused", "tokenizer": None, "batch_size": 4,
+            "seq_len": 16, "lr": 1e-3, "evals": 2}  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="31 steps after validation 1, planned 40"):
+            ablation.run_one(task)
+    finally:
+        torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ hot path changes.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,8 @@ def ilt_stats(
     """
     if not model.ilts:
         raise UserError("this model has no ILTs (n_layers_ilt = 0): there is nothing to inspect")
+    if model.config.ilt_kind != "design":
+        return history_stats(model, idx)
     if modulation_scale is None:
         modulation_scale = model.config.modulation_scale_end
     seen: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}  # ILT -> (its window, its modulation)
@@ -95,10 +98,61 @@ def ilt_stats(
     return out
 
 
+STREAM_NAMES = ("residual", "next attention input")
+
+
+@torch.no_grad()
+def history_stats(model: HierarchicalTransformer, idx: torch.Tensor) -> dict:
+    """``ilt_stats`` for the kinds that read the whole layer history (depth, depth_multiway, x0): one module after
+    every main layer, reading the embedding and each layer's contribution so far (its sources).
+
+    Returns lists indexed by module:
+      ``scale``     1.0: these kinds add their modulation as it is (no curriculum);
+      ``ratio``     mean over tokens of |residual modulation| / |layer output it is added to|;
+      ``attn``      per stream, the attention over the sources averaged over tokens (empty for x0);
+      ``static``    per stream, the static weights' mean |w| over channels, per source;
+      ``attn_prev`` the attention on the newest source (the layer's own contribution), averaged over streams
+                    (NaN for x0, which has no attention);
+      ``labels``    the sources' names: "emb", then "L<n>" for main layer n's contribution (1-based).
+    """
+    seen: dict[
+        int, tuple
+    ] = {}  # module -> (state, sources, output); the model appends to its sources list later
+    hooks = [
+        ilt.register_forward_hook(
+            lambda m, args, out, i=i: seen.__setitem__(i, (args[0], list(args[1]), out))
+        )
+        for i, ilt in enumerate(model.ilts)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    out = {"scale": [], "ratio": [], "attn": [], "static": [], "attn_prev": [], "labels": []}
+    for i, ilt in enumerate(model.ilts):
+        h, sources, (modulations, keys) = seen[i]
+        ratio = modulations[0].float().norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-12)  # (B, T)
+        attn = ilt.weights(h, keys).float().mean(dim=(0, 1)).tolist() if hasattr(ilt, "weights") else []
+        out["scale"].append(1.0)
+        out["ratio"].append(ratio.mean().item())
+        out["attn"].append(attn)  # (streams, S)
+        out["static"].append(ilt.static.detach().float().abs().mean(dim=-1).tolist())  # (streams, S or 1)
+        out["attn_prev"].append(sum(a[-1] for a in attn) / len(attn) if attn else math.nan)
+        out["labels"].append(["emb"] + [f"L{n + 1}" for n in range(len(sources) - 1)])
+    return out
+
+
 # --- hilt inspect --------------------------------------------------------------------------------------------
 
 
 def format_stats(stats: dict) -> str:
+    if "static" in stats:
+        return format_history_stats(stats)
     lines = []
     for i, labels in enumerate(stats["labels"]):
         lines.append(
@@ -111,8 +165,73 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def format_history_stats(stats: dict) -> str:
+    lines = []
+    for i, labels in enumerate(stats["labels"]):
+        lines.append(
+            f"ILT {i + 1} (after layer {i + 1}, reads {', '.join(labels)}): "
+            f"|modulation| / |layer output| = {stats['ratio'][i]:.4f}"
+        )
+        for stream, weights in enumerate(stats["static"][i]):
+            attn = stats["attn"][i][stream] if stats["attn"][i] else None
+            parts = [
+                f"{name} {'' if attn is None else f'{attn[s]:.3f} '}|w| {weights[s]:.4f}"
+                for s, name in enumerate(labels[: len(weights)])
+            ]
+            what = "attention and static |w|" if attn is not None else "static |w|"
+            lines.append(f"  {STREAM_NAMES[stream]} ({what}): {', '.join(parts)}")
+    return "\n".join(lines)
+
+
+def history_panels(stats: dict) -> list[tuple[str, np.ndarray]]:
+    """(title, modules x sources matrix with NaN where a module has no such source) per stream's attention, or
+    the static weights for the x0 kind."""
+    n, sources = len(stats["labels"]), stats["labels"][-1]
+    key = "attn" if stats["attn"][0] else "static"
+    panels = []
+    for stream in range(len(stats[key][0])):
+        mat = np.full((n, len(sources)), np.nan)
+        for i in range(n):
+            if stream < len(stats[key][i]):
+                row = stats[key][i][stream]
+                mat[i, : len(row)] = row
+        what = "attention" if key == "attn" else "static |w|"
+        panels.append((f"{what}, {STREAM_NAMES[stream]}", mat))
+    return panels
+
+
+def save_history_heatmap(stats: dict, path: str | Path, title: str = "") -> None:
+    """One panel per stream: the modules' (rows) attention over the sources (columns), averaged over tokens."""
+    from hilt.plot import pyplot
+
+    plt = pyplot()
+    panels = history_panels(stats)
+    sources = stats["labels"][-1]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(1.0 * len(sources) * len(panels) + 2, 0.8 * len(sources) + 1)
+    )
+    axes = np.atleast_1d(axes)
+    for ax, (name, mat) in zip(axes, panels, strict=True):
+        vmax = 1.0 if name.startswith("attention") else max(float(np.nanmax(mat)), 1e-12)
+        image = ax.imshow(mat, vmin=0.0, vmax=vmax, cmap="viridis")
+        for r, c in zip(*np.nonzero(~np.isnan(mat)), strict=True):
+            w = mat[r, c]
+            ax.text(c, r, f"{w:.2f}", ha="center", va="center", color="white" if w < 0.6 * vmax else "black")
+        ax.set_xticks(range(len(sources)), sources)
+        ax.set_yticks(range(mat.shape[0]), [f"after L{i + 1}" for i in range(mat.shape[0])])
+        ax.set_xlabel("source")
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def save_heatmap(stats: dict, path: str | Path, title: str = "") -> None:
     """One panel per (ILT, inner layer): its (W, W) attention weights, annotated."""
+    if "static" in stats:
+        return save_history_heatmap(stats, path, title)
     from hilt.plot import pyplot
 
     plt = pyplot()
@@ -157,7 +276,9 @@ def run_inspect(
         raise UserError("--prompt is empty: give some text to inspect the ILTs on")
     ids = ids[-model.config.max_seq_len :]
     stats = ilt_stats(model, torch.tensor([ids], device=torch_device), modulation_scale)
-    print(f"{model_path}: {len(ids)} prompt tokens, averaged over tokens and heads")
+    print(
+        f"{model_path}: {len(ids)} prompt tokens, averaged over tokens and heads (ilt_kind {model.config.ilt_kind})"
+    )
     print(format_stats(stats))
     save_heatmap(stats, out, title=f"{Path(model_path).name}: ILT attention on {len(ids)} tokens")
     print(f"Saved the heat map to {out}")
