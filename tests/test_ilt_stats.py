@@ -128,3 +128,90 @@ def test_hilt_inspect_prints_and_saves_a_heat_map(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     assert main(["inspect", "--model_path", str(tmp_path / "m.pt"), "--prompt", ""]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
+
+
+# --- the ILT kinds that read the whole layer history ---------------------------------------------------------
+
+
+def test_history_kind_stats_average_the_attention_over_sources():
+    torch.manual_seed(2)
+    model = HierarchicalTransformer(tiny_config(ilt_kind="depth_multiway", ilt_rank=8))
+    fresh = ilt_stats(model, torch.randint(0, 97, (2, 9)))
+    # zero-initialised: the softmax over sources starts uniform and nothing is added yet
+    assert fresh["ratio"] == [0.0, 0.0, 0.0] and fresh["scale"] == [1.0, 1.0, 1.0]
+    assert fresh["attn"][0] == [[0.5, 0.5], [0.5, 0.5]] and fresh["attn"][2] == [[0.25] * 4]
+    assert fresh["labels"] == [["emb", "L1"], ["emb", "L1", "L2"], ["emb", "L1", "L2", "L3"]]
+    with torch.no_grad():
+        for p in model.ilts.parameters():
+            p.normal_(0.0, 0.5)
+    idx = torch.randint(0, 97, (2, 9))
+    stats = ilt_stats(model, idx)
+    captured = []
+    hook = model.ilts[1].register_forward_hook(
+        lambda m, args, out: captured.append((args[0], list(args[1]), out))
+    )
+    model.eval()
+    model(idx)
+    hook.remove()
+    h, sources, ((residual, _), keys) = captured[0]
+    expected = model.ilts[1].weights(h, keys).mean(dim=(0, 1))  # (streams, S)
+    assert np.allclose(stats["attn"][1], expected.tolist(), atol=1e-6)
+    assert stats["ratio"][1] == pytest.approx(
+        (residual.norm(dim=-1) / h.norm(dim=-1)).mean().item(), rel=1e-5
+    )
+    assert stats["attn_prev"][1] == pytest.approx(expected[:, -1].mean().item(), rel=1e-5)
+    assert stats["static"][0][0] == pytest.approx(model.ilts[0].static[0].abs().mean(-1).tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["depth", "depth_multiway", "x0"])
+def test_history_kind_trains_resumes_evaluates_generates_and_inspects(tmp_path, capsys, monkeypatch, kind):
+    from hilt import train as train_module
+    from hilt.checkpoint import load_checkpoint
+    from tests.conftest import DATA_TXT
+
+    def train(out, *extra):
+        flags = ["--text_file", str(DATA_TXT), "--out_dir", str(out), "--max_tokens", "2000", "--batch_size", "8",
+                 "--seq_len", "16", "--epochs", "2", "--model_dim", "32", "--n_layers", "2", "--n_heads", "2",
+                 "--d_ff", "64", "--no_amp", "--device", "cpu", "--ilt_kind", kind, "--ilt_rank", "8"]  # fmt: skip
+        return main(["train", *flags, *extra])
+
+    assert train(tmp_path / "full") == 0
+    original = train_module.Trainer.end_epoch
+    with monkeypatch.context() as m:  # Ctrl-C right after epoch 1, then --resume
+        m.setattr(train_module.Trainer, "end_epoch", lambda self: (original(self), self.request_stop(2))[0])
+        assert train(tmp_path / "split") == 130
+    assert train(tmp_path / "split", "--resume", str(tmp_path / "split" / "last_model.pt")) == 0
+    full, split = (load_checkpoint(tmp_path / d / "last_model.pt") for d in ("full", "split"))
+    assert full["config"]["ilt_kind"] == kind and full["global_step"] == split["global_step"]
+    assert all(torch.equal(v, split["model_state_dict"][k]) for k, v in full["model_state_dict"].items())
+    model = str(tmp_path / "full" / "last_model.pt")
+    capsys.readouterr()
+    assert main(["eval", "--model_path", model, "--text_file", str(DATA_TXT), "--max_tokens", "200", "--no_amp",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    assert "scored" in capsys.readouterr().out
+    texts = []
+    for flags in ([], ["--use_beam_search", "--beam_width", "2"], ["--use_beam_search", "--beam_width", "2",
+                                                                  "--use_cache"]):  # fmt: skip
+        generate = [
+            "generate",
+            "--model_path",
+            model,
+            "--prompt",
+            "ROMEO:",
+            "--max_len",
+            "12",
+            "--temperature",
+            "0",
+        ]
+        assert main([*generate, "--no_amp", "--device", "cpu", *flags]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[1] == texts[2]  # beam search: the same beams with and without the KV cache
+    out = tmp_path / "ilt.png"
+    assert main(["inspect", "--model_path", model, "--prompt", "ROMEO: hello", "--out", str(out), "--device",
+                 "cpu"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "ILT 2 (after layer 2, reads emb, L1, L2)" in printed and out.stat().st_size > 5000
+    assert train(tmp_path / "bad", "--ilt_kind", "deep") == 2
+    assert "ilt_kind must be one of design, depth, depth_multiway, x0; got 'deep'" in capsys.readouterr().err
+    assert train(tmp_path / "bad", "--ilt_rank", "33") == 2
+    assert "ilt_rank (33) must be at most d_model (32)" in capsys.readouterr().err

@@ -58,6 +58,13 @@ MODEL_FLAGS = {
         "ILT variant: a learned scale per ILT, starting at modulation_scale_start, replaces the curriculum",
     ),
     "--ilt_embed": ("ilt_embed", bool, "ILT variant: each ILT also sees the token embedding"),
+    "--ilt_kind": (
+        "ilt_kind",
+        str,
+        "inter-layer module: design (the seed's ILT), depth (attention over the embedding and every earlier "
+        "layer), depth_multiway (depth + a stream into the next attention) or x0 (x0 mixing)",
+    ),
+    "--ilt_rank": ("ilt_rank", int, "query/key rank of the depth kinds' attention over layers"),
 }
 
 
