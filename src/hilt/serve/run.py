@@ -1,0 +1,190 @@
+"""`hilt serve`: settings, the model loader and uvicorn, with a clean exit on SIGTERM.
+
+Shutting down (SIGTERM or Ctrl+C): uvicorn stops listening at once, lets the requests in flight finish for up to
+``shutdown_grace`` seconds, then cancels the rest (their engine requests with them); the engine stops and the
+process exits 0 on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from hilt.errors import UserError
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """The flags of `hilt serve` (field name = flag name)."""
+
+    model_path: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # default: the checkpoint's run folder, or the file's stem
+    api_key: str | None = None  # default: $HILT_API_KEY; None = no key
+    cors_origins: str | None = None  # comma-separated origins; None = CORS off
+    chat_template: str | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    max_body_bytes: int = 1_000_000
+    max_n: int = 8
+    max_tokens_cap: int = 0
+    request_timeout: float = 600.0
+    shutdown_grace: float = 10.0
+    device: str = "auto"
+    amp: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_body_bytes", "max_n"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_queue", "max_tokens_cap", "shutdown_grace"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_queue < self.max_n:
+            raise UserError(
+                f"--max_queue ({self.max_queue}) must be at least --max_n ({self.max_n}): a request's n choices "
+                "queue together"
+            )
+        if not self.request_timeout > 0:
+            raise UserError(f"--request_timeout must be > 0, got {self.request_timeout}")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be in 0-65535, got {self.port}")
+        if self.api_key is None:
+            self.api_key = os.environ.get("HILT_API_KEY") or None
+        if self.api_key is not None and not self.api_key.strip():
+            raise UserError("--api_key is empty")
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model_path).resolve()
+        # runs/shakespeare/best_model.pt -> "shakespeare"; an exported folder -> its name
+        return path.name if path.is_dir() else (path.parent.name or path.stem)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with HILT's shutdown.
+
+    When told to stop, uvicorn closes its sockets and waits for the requests in flight; meanwhile ``drain`` lets
+    the engine finish them for up to the grace period and then cancels the rest, so that each stream still ends
+    properly (an error event and ``data: [DONE]``) instead of being cut by uvicorn's own timeout, which stays as
+    a backstop. And uvicorn re-raises a captured SIGTERM after shutting down, so the process would die by the
+    signal (status 143); a server told to stop has stopped cleanly, so it exits 0 instead. Ctrl+C keeps its
+    KeyboardInterrupt (the CLI prints "interrupted" and exits 130)."""
+
+    def __init__(self, config: uvicorn.Config, drain):
+        super().__init__(config)
+        self._drain = drain
+
+    async def shutdown(self, sockets=None) -> None:
+        threading.Thread(target=self._drain, name="hilt-drain", daemon=True).start()
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+
+def load_engine(cfg: ServeConfig):
+    """What the app's background loader runs: model, tokenizer and a started engine."""
+    from hilt.checkpoint import load_model_and_tokenizer
+    from hilt.device import autocast_dtype, resolve_device
+    from hilt.engine import Engine
+    from hilt.serve.app import Loaded
+
+    device = resolve_device(cfg.device)
+    model, tokenizer, _ = load_model_and_tokenizer(cfg.model_path, device)
+    dtype = autocast_dtype(device, cfg.amp)
+    engine = Engine(model, tokenizer, max_slots=cfg.max_batch, compute_dtype=dtype, max_queue=cfg.max_queue)
+    engine.start()
+    c = model.config
+    info = {
+        "architecture": c.to_dict(),
+        "parameters": model.num_parameters(),
+        "max_model_len": c.max_seq_len,
+        "device": str(device),
+        "dtype": str(dtype or model.head.weight.dtype).removeprefix("torch."),
+        "slots": engine.n_slots,
+    }
+    created = int(Path(cfg.model_path).stat().st_mtime)
+    return Loaded(engine=engine, tokenizer=tokenizer, info=info, created=created)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(cfg: ServeConfig) -> None:
+    if not Path(cfg.model_path).exists():
+        raise UserError(f"--model_path not found: {cfg.model_path}")
+    from hilt.serve.app import AppSettings, create_app
+    from hilt.serve.chat import ChatTemplate
+    from hilt.tokenizer import SPECIAL_TOKENS
+
+    _, bos, eos = SPECIAL_TOKENS
+    template = ChatTemplate.load(cfg.chat_template, bos, eos)
+    origins = [o.strip() for o in (cfg.cors_origins or "").split(",") if o.strip()]
+    settings = AppSettings(
+        served_model_name=cfg.model_name,
+        api_key=cfg.api_key,
+        cors_origins=origins,
+        chat_template=template,
+        max_body_bytes=cfg.max_body_bytes,
+        max_n=cfg.max_n,
+        max_tokens_cap=cfg.max_tokens_cap,
+        request_timeout=cfg.request_timeout,
+    )
+    sock = _listen(cfg.host, cfg.port)
+    failure: list[BaseException] = []
+    server: _Server | None = None
+
+    def on_load_error(error: BaseException) -> None:
+        failure.append(error)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, lambda: load_engine(cfg), on_load_error)
+    config = uvicorn.Config(
+        app,
+        log_level=cfg.log_level,
+        timeout_graceful_shutdown=cfg.shutdown_grace + 5,  # a backstop: drain ends the requests by then
+        # a slow client must not pin a connection forever; 5 s is uvicorn's default keep-alive
+        timeout_keep_alive=5,
+    )
+    server = _Server(config, drain=lambda: app.state.hilt.drain(cfg.shutdown_grace))
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
+        print(
+            f"warning: listening on {cfg.host} without --api_key: anyone who can reach this port can use the model",
+            file=sys.stderr,
+        )
+    print(
+        f"Serving {settings.served_model_name} at http://{shown}:{port} (playground: /, API: /v1)", flush=True
+    )
+    server.run(sockets=[sock])
+    if failure:
+        raise failure[0]  # a UserError (bad checkpoint) becomes the CLI's one line and status 2
