@@ -396,6 +396,41 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def step_times(base: dict, arms: list[Arm], args) -> list[dict]:
+    """Training step time of every arm with bench.py's method: forward + backward + clip + AdamW on one fixed
+    batch, the arms taking turns in a new random order every round, freed memory kept as train.py keeps it,
+    median over ``args.step_times`` timed rounds after 3 untimed ones."""
+    import random
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench import Contestant, take_turns
+
+    from hilt.loss import LanguageModelLoss
+    from hilt.memory import freed_memory_kept
+
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.amp else None
+    loss = lambda m, x, y: LanguageModelLoss(m)(x, y, 0.1)  # noqa: E731  # what train.py's step calls
+    contestants = []
+    for arm in arms:
+        torch.manual_seed(0)
+        model = HierarchicalTransformer(model_config(base, arm.overrides)).train()
+        contestants.append(Contestant(arm.name, model, dtype, 0, loss))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, base["vocab_size"], (args.batch_size, args.seq_len + 1), generator=g)
+    with freed_memory_kept():
+        take_turns(contestants, x[:, :-1], x[:, 1:], 3, args.step_times, shuffle=random.Random(0))
+    plain = statistics.median(next(c for c in contestants if c.name == "plain").times)
+    return [
+        {
+            "arm": c.name,
+            "step_seconds": statistics.median(c.times),
+            "vs_plain": statistics.median(c.times) / plain,
+        }
+        for c in contestants
+    ]
+
+
 def too_few_evals(steps: int, evals: int, batches_per_pass: int) -> str | None:
     """Why ``steps`` cannot be trained in ``evals`` stretches of at most one pass each (the Trainer's epoch, which
     run_one uses as the stretch between two validations, never spans passes), or None."""
@@ -405,6 +440,26 @@ def too_few_evals(steps: int, evals: int, batches_per_pass: int) -> str | None:
         f"{steps} steps in {evals} validations is {-(-steps // evals)} steps between two, more than one pass "
         f"over the data ({batches_per_pass} batches): use --evals {-(-steps // batches_per_pass)} or more"
     )
+
+
+def print_step_times(args, p: argparse.ArgumentParser) -> int:
+    base = dict(vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
+                ilt_dim=args.ilt_dim, ilt_rank=args.ilt_rank, max_seq_len=args.seq_len)  # fmt: skip
+    wanted = args.arms.split(",")
+    if "plain" not in wanted:
+        p.error("--step_times compares with plain: include it in --arms")
+    arms = [Arm(a.name, a.what, matched_plain(base, args.seq_len)) if a.name == "plain+" else a
+            for a in VARIANTS if a.name in wanted]  # fmt: skip
+    rows = step_times(base, arms, args)
+    print(
+        f"\n{machine()} | {args.threads} thread(s), {'bf16 autocast' if args.amp else 'fp32'}, batch "
+        f"{args.batch_size} x {args.seq_len}, d_model {args.d_model} / {args.n_layers} layers, vocab "
+        f"{args.vocab_size}, median of {args.step_times} rounds | load average {os.getloadavg()}\n"
+    )
+    print("| arm | step (ms) | vs plain |\n| --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['arm']} | {r['step_seconds'] * 1e3:.1f} | {r['vs_plain']:.3f}x |")
+    return 0
 
 
 # --- main ----------------------------------------------------------------------------------------------------
@@ -455,6 +510,16 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", action="store_true", help="skip runs already in OUT_DIR/ablation[_SCALE]_runs.jsonl"
     )
     p.add_argument("--fresh", action="store_true", help="discard the runs file's runs and start over")
+    p.add_argument(
+        "--step_times",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only time a training step of each arm (bench.py's method, median of ROUNDS) and exit",
+    )
+    p.add_argument("--amp", action="store_true", help="--step_times: bf16 autocast, as train.py on CPU")
+    p.add_argument("--threads", type=int, default=1, help="--step_times: torch threads (default 1)")
+    p.add_argument("--vocab_size", type=int, default=1024, help="--step_times: vocabulary (default 1024)")
     args = p.parse_args(argv)
     for key, value in {**DEFAULTS, **SCALES[args.scale]}.items():
         if getattr(args, key) is None:
@@ -465,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         args.budget, args.seeds, args.evals, args.val_tokens = 1e11, 2, 2, 1024
         args.out_dir = str(Path(args.work_dir) / "smoke")
     stem = "ablation" if args.scale == "reduced" else f"ablation_{args.scale}"
+    if args.step_times:  # no data needed: one random batch
+        return print_step_times(args, p)
 
     work, out = Path(args.work_dir), Path(args.out_dir)
     work.mkdir(parents=True, exist_ok=True)
