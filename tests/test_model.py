@@ -300,3 +300,17 @@ def test_multiway_feeds_the_next_attention_its_own_stream():
         state[name] = value
     single.load_state_dict(state)
     assert torch.allclose(single(idx), no_attention_stream, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", HISTORY_KINDS)
+def test_history_kind_in_generations_bf16_copy_computes_what_autocast_computes(kind):
+    """hilt.generate keeps bf16 matrices under an fp32 residual stream; the history modules must neither fail on
+    the mixed dtypes nor compute anything autocast would not."""
+    from hilt.generate import lowered_copy
+
+    model = history_model(kind)
+    idx = torch.randint(0, 97, (2, 7))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.features(idx)
+    with torch.no_grad():
+        assert torch.equal(lowered_copy(model, torch.bfloat16).features(idx), expected)

@@ -276,14 +276,17 @@ class DepthAttentionILT(nn.Module):
         B, T, C = h.shape
         q = self.query(F.rms_norm(h, (C,))).view(B, T, self.streams, self.rank)  # (B, T, w, r)
         k = torch.stack(keys, dim=3)  # (B, T, r, S)
-        return (q @ k * self.rank**-0.5).softmax(dim=-1)  # (B, T, w, S)
+        return (q @ k * self.rank**-0.5).softmax(dim=-1, dtype=torch.float32)  # (B, T, w, S)
 
     def forward(
         self, h: torch.Tensor, sources: list[torch.Tensor], keys: list[torch.Tensor]
     ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
         keys = self.keys(sources, keys)
         stacked = torch.stack(sources, dim=2)  # (B, T, S, C)
-        dynamic = self.weights(h, keys) @ stacked  # (B, T, w, C)
+        # in the keys' dtype: what autocast computes, and what generation's bf16 copy (bf16 matrices, fp32
+        # residual stream: hilt.generate.lowered_copy) computes too
+        dtype = keys[0].dtype
+        dynamic = self.weights(h, keys).to(dtype) @ stacked.to(dtype)  # (B, T, w, C)
         static = (stacked.unsqueeze(2) * self.static).sum(dim=3)  # (B, T, w, C)
         modulation = self.gate * dynamic + static  # (B, T, w, C)
         return modulation.unbind(dim=2), keys
