@@ -174,7 +174,7 @@ async function run(url, body, target) {
     if (!response.ok) {
       showError(await errorMessage(response));
       $("status").textContent = "refused";
-      return null;
+      return "refused";
     }
     $("status").textContent = "streaming\u2026";
     await readEvents(response, (chunk) => {
@@ -204,17 +204,18 @@ async function run(url, body, target) {
   } catch (e) {
     if (e.name === "AbortError") {
       $("status").textContent = "stopped";
-    } else {
-      showError(`connection failed: ${e.message}`);
-      $("status").textContent = "error";
+      return "stopped";
     }
+    showError(`connection failed: ${e.message}`);
+    $("status").textContent = "error";
+    return "error";
   } finally {
     target.classList.remove("streaming");
     state.controller = null;
     setBusy(false);
     stats();
   }
-  return finish;
+  return finish || "done";
 }
 
 // --- the two modes ---
@@ -259,20 +260,22 @@ function addMessage(role, text) {
 async function sendChat() {
   const text = $("prompt").value.trim();
   if (!text) return;
-  state.chat.push({ role: "user", content: text });
-  addMessage("user", text);
+  const messages = [...state.chat, { role: "user", content: text }];
+  const asked = addMessage("user", text);
   $("prompt").value = "";
   const reply = addMessage("assistant", "");
   reply.parentElement.classList.add("streaming");
-  const body = { ...samplingBody(), messages: state.chat, logprobs: true, top_logprobs: 0 };
-  const finish = await run("/v1/chat/completions", body, reply);
+  const body = { ...samplingBody(), messages, logprobs: true, top_logprobs: 0 };
+  const outcome = await run("/v1/chat/completions", body, reply);
   reply.parentElement.classList.remove("streaming");
-  if (finish && reply.textContent) {
-    state.chat.push({ role: "assistant", content: reply.textContent });
-  } else {
-    state.chat.pop();  // refused or stopped: the turn did not happen
+  if (outcome === "refused" || outcome === "error") {
+    // the turn did not happen: take it off the log and give the text back for another try
+    asked.parentElement.remove();
     reply.parentElement.remove();
+    $("prompt").value = text;
+    return;
   }
+  state.chat = [...messages, { role: "assistant", content: reply.textContent }];  // a stopped reply counts
 }
 
 function send() {

@@ -1,0 +1,168 @@
+"""The playground in a real browser: Playwright for Python driving Debian's chromium (Playwright's own browser
+download does not work on these machines; .ci/run installs the package when it is missing).
+
+Also the way docs/playground.png is made, from a trained model:
+    .venv/bin/python tests/test_serve_browser.py --model_path runs/demo/best_model.pt --out docs/playground.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too
+
+from tests.test_serve import NAME, Server, metric, save_tiny_checkpoint  # noqa: E402
+
+
+def chromium() -> str | None:
+    """Debian's browser binary (/usr/bin/chromium is a shell wrapper around it)."""
+    for path in ("/usr/lib/chromium/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if path and Path(path).is_file():
+            return path
+    return None
+
+
+def launch(playwright):
+    return playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def set_value(page, selector: str, value) -> None:
+    """Sliders and fields the way a user changes them: the value, then an input event."""
+    page.eval_on_selector(
+        selector,
+        "(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }",
+        str(value),
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if chromium() is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium; .ci/run does it)")
+    folder = tmp_path_factory.mktemp("browser")
+    s = Server(save_tiny_checkpoint(folder), folder / "server.log", "--served_model_name", NAME)
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def page(server):
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url + "/")
+        expect(page.locator("#model-name")).to_have_text(NAME)
+        yield page
+        browser.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_stream_then_stop_shows_speed_and_cancels_on_the_server(server, page, tmp_path):
+    assert "d_model 32" in page.inner_text("#arch") and "context 1024" in page.inner_text("#arch")
+    set_value(page, "#max_tokens", 1000)
+    set_value(page, "#temperature", 0)
+    page.fill("#prompt", "ROMEO:")
+    page.press("#prompt", "Control+Enter")
+    # text streams in: the generated part grows while the request runs
+    expect(page.locator("#output .generated")).not_to_be_empty()
+    wait_until(lambda: page.inner_text("#tokens").isdigit() and int(page.inner_text("#tokens")) >= 20)
+    assert page.inner_text("#status") == "streaming\u2026"
+    assert metric(server, "hilt_requests_running") == 1
+    page.click("#stop")
+    expect(page.locator("#status")).to_have_text("stopped")
+    stopped_at = page.inner_text("#output .generated")
+    time.sleep(0.5)
+    assert page.inner_text("#output .generated") == stopped_at  # the stream has ended
+    assert page.is_enabled("#send") and not page.is_enabled("#stop")
+    wait_until(lambda: metric(server, "hilt_requests_running") == 0, 2.0)  # Stop aborted the fetch: cancelled
+    tokens = int(page.inner_text("#tokens"))
+    assert 20 <= tokens < 1000
+    assert float(page.inner_text("#tps")) > 0
+    assert re.fullmatch(r"\d+ ms", page.inner_text("#ttft"))
+    page.screenshot(path=str(tmp_path / "playground.png"))
+    assert (tmp_path / "playground.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_finished_completion_shows_exact_counts(page):
+    set_value(page, "#max_tokens", 7)
+    page.fill("#prompt", "To be")
+    page.click("#send")
+    expect(page.locator("#status")).to_have_text("done (max tokens)")
+    assert page.inner_text("#tokens") == "7" and page.inner_text("#prompt-tokens") == "2"
+    assert page.inner_text("#output .prompt-echo") == "To be"
+
+
+def test_chat_mode_and_a_refusal_shown_as_the_servers_message(page):
+    page.click("#mode-chat")
+    set_value(page, "#max_tokens", 5)
+    page.fill("#prompt", "Hello there")
+    page.keyboard.press("Control+Enter")
+    expect(page.locator("#status")).to_have_text(re.compile("^done"))
+    assert page.locator(".msg.user .text").all_inner_texts() == ["Hello there"]
+    assert len(page.locator(".msg.assistant").all()) == 1
+    assert page.is_hidden("#error")
+    # a request the server refuses: the page shows the server's own message, and the turn is dropped
+    set_value(page, "#max_tokens", 1024)
+    page.fill("#prompt", "And now a long answer")
+    page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "400" in page.inner_text("#error") and "context" in page.inner_text("#error")
+    assert len(page.locator(".msg.user").all()) == 1
+    assert page.input_value("#prompt") == "And now a long answer"  # given back to edit
+
+
+# --- docs/playground.png --------------------------------------------------------------------------------------
+
+
+def screenshot(model_path: str, out: str, prompt: str, max_tokens: int) -> None:
+    """A finished completion from a trained model, as the README shows it."""
+    folder = Path(out).resolve().parent
+    s = Server(model_path, Path("/tmp/hilt-screenshot-server.log"))
+    try:
+        with sync_playwright() as p:
+            browser = launch(p)
+            page = browser.new_page(viewport={"width": 1180, "height": 760}, device_scale_factor=1)
+            page.goto(s.url + "/")
+            expect(page.locator("#arch")).not_to_be_empty()
+            set_value(page, "#max_tokens", max_tokens)
+            set_value(page, "#temperature", 0.8)
+            set_value(page, "#seed", 7)
+            page.fill("#prompt", prompt)
+            page.click("#send")
+            expect(page.locator("#status")).to_have_text(re.compile("^done"), timeout=120_000)
+            folder.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=out, full_page=True)
+            browser.close()
+    finally:
+        s.stop()
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_path", required=True)
+    parser.add_argument("--out", default="docs/playground.png")
+    parser.add_argument(
+        "--prompt", default="ROMEO:\nO, she doth teach the torches to burn bright!\n\nJULIET:\n"
+    )
+    parser.add_argument("--max_tokens", type=int, default=120)
+    args = parser.parse_args()
+    screenshot(args.model_path, args.out, args.prompt, args.max_tokens)
