@@ -2,6 +2,7 @@
 (a width of 32 with the real 50,260-id GPT-2 vocabulary, so the shipped tokenizer fits)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,12 @@ def test_the_folder_holds_every_file_and_the_packages_own_model_code(exported):
         50259,
     )
     assert generation["modulation_scale"] == model.config.modulation_scale_end
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask and modes == {
+        0o666 & ~umask
+    }  # not mkdtemp's 0o700
     card = (folder / "README.md").read_text()
     assert "4.5678" in card and "1,234" in card and "data.txt" in card and "| ILT kind | design |" in card
 
@@ -150,7 +157,7 @@ KINDS = {
 
 
 @pytest.mark.parametrize("kind", KINDS.values(), ids=KINDS.keys())
-def test_logits_equal_hilts_forward_for_every_ilt_kind(tmp_path, kind):
+def test_logits_and_greedy_tokens_equal_hilts_for_every_ilt_kind(tmp_path, kind):
     torch.manual_seed(0)
     model = HierarchicalTransformer(tiny_gpt2_config(**kind)).eval()
     with torch.no_grad():  # trained weights, not the initial ones: zero-initialised parts and gates move too
@@ -159,9 +166,15 @@ def test_logits_equal_hilts_forward_for_every_ilt_kind(tmp_path, kind):
     folder = export(save_checkpoint(model, tmp_path / "m.pt"), tmp_path / "hf")
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.randint(0, VOCAB, (2, 24))
+    padded = torch.cat(
+        [torch.full((1, 5), 50257), ids[1:, :19]], dim=1
+    )  # row 1's first 19 tokens, left-padded
+    mask = (padded != 50257).long()
     with torch.no_grad():
-        diff = (hf(ids).logits - model(ids)).abs().max().item()
-    assert diff < 1e-5
+        assert (hf(ids).logits - model(ids)).abs().max() < 1e-5
+        assert (hf(padded, attention_mask=mask).logits[:, 5:] - model(ids[1:, :19])).abs().max() < 1e-5
+    greedy = hf.generate(ids[:1, :6], do_sample=False, max_new_tokens=10)  # with transformers' cache
+    assert greedy[0, 6:].tolist() == hilt_greedy(model, ids[0, :6].tolist(), 10)
 
 
 def test_modulation_scale_comes_from_the_generation_config_or_the_call(exported):

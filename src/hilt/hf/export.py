@@ -74,6 +74,11 @@ def export(model_path: str | Path, out_dir: str | Path, *, overwrite: bool = Fal
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         write_folder(model, tokenizer, ckpt, tmp)
+        # mkdtemp made the folder private (and safetensors its file); an export is for sharing: the umask decides
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (tmp, *tmp.iterdir()):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         if out.exists():
             old = tmp.with_name(tmp.name + ".old")
             os.replace(out, old)
@@ -121,7 +126,8 @@ def write_folder(model, tokenizer, ckpt: dict, folder: Path) -> None:
     write_tokenizer(tokenizer, config.max_seq_len, folder)
     meta = {key: ckpt[key] for key in META_KEYS if ckpt.get(key) is not None}
     (folder / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
-    (folder / "README.md").write_text(model_card(config, meta, hf_model.num_parameters()), encoding="utf-8")
+    card = model_card(config, meta, hf_model.num_parameters(), tokenizer)
+    (folder / "README.md").write_text(card, encoding="utf-8")
 
 
 def write_tokenizer(tokenizer, max_seq_len: int, folder: Path) -> None:
@@ -163,7 +169,8 @@ def ilt_rows(c: ModelConfig) -> list[str]:
     ]
 
 
-def model_card(config: ModelConfig, meta: dict, n_params: int) -> str:
+def model_card(config: ModelConfig, meta: dict, n_params: int, tokenizer) -> str:
+    specials = f"{tokenizer.pad_id}, {tokenizer.bos_id}, {tokenizer.eos_id}"
     tc = meta.get("train_config") or {}
     val_loss = meta.get("val_loss")
     c = config
@@ -186,7 +193,7 @@ def model_card(config: ModelConfig, meta: dict, n_params: int) -> str:
         f"| parameters | {n_params:,} |",
         f"| layers x width (heads) | {c.n_layers} x {c.d_model} ({c.n_heads}), feed-forward {c.d_ff} |",
         f"| context | {c.max_seq_len} tokens, sinusoidal positions |",
-        f"| vocabulary | {c.vocab_size} (GPT-2 BPE + <PAD>/<BOS>/<EOS> when 50260) |",
+        f"| vocabulary | {c.vocab_size} ids; `<PAD>`, `<BOS>`, `<EOS>` are {specials} |",
         f"| ILT kind | {ilt_kind(c)} |",
         *ilt_rows(c),
         f"| LM head tied to the embedding | {'yes' if c.tie_weights else 'no'} |",
@@ -212,7 +219,8 @@ def model_card(config: ModelConfig, meta: dict, n_params: int) -> str:
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        'path = "path/to/this/folder"  # or its id on the Hub',
+        "tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)",
         "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
         'ids = tokenizer("ROMEO:", return_tensors="pt")',
         "print(tokenizer.decode(model.generate(**ids, max_new_tokens=40)[0]))",
