@@ -330,6 +330,16 @@ def test_hilt_loads_the_folder_back_exactly(exported):
     assert (ckpt["global_step"], ckpt["val_loss"], ckpt["train_config"]["epochs"]) == (1234, 4.5678, 3)
 
 
+def test_an_exported_folder_exports_again_unchanged(exported, tmp_path):
+    model, _, folder, _, _ = exported
+    again = export(folder, tmp_path / "again")
+    loaded = load_model_and_tokenizer(again, torch.device("cpu"))[0]
+    original, back = model.state_dict(), loaded.state_dict()
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+    assert (again / "hilt_checkpoint.json").read_text() == (folder / "hilt_checkpoint.json").read_text()
+    assert (again / "README.md").read_text() == (folder / "README.md").read_text()
+
+
 def test_hilt_reads_a_folder_without_importing_transformers(exported):
     # transformers takes seconds to import; `hilt generate --model_path FOLDER` should not wait for it
     code = (
