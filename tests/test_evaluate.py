@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from hilt.cli import main
 from hilt.data import TokenBatches
-from hilt.evaluate import evaluate_tokens, run_eval, sliding_windows
+from hilt.evaluate import HeadLoss, evaluate_tokens, run_eval, sliding_windows
 from hilt.model import HierarchicalTransformer
 from hilt.tokenizer import Tokenizer
 from hilt.train import TrainConfig, Trainer, run_training
@@ -54,6 +54,47 @@ def test_stride_one_equals_scoring_each_token_with_its_full_window():
     assert got.tokens == len(tokens) - 1
     assert got.loss == pytest.approx(sum(losses) / len(losses), abs=1e-5)
     assert got.perplexity == pytest.approx(math.exp(got.loss))
+
+
+@pytest.mark.parametrize(
+    "chunk_elements", [97 * 4, 97 * 7, 2**22]
+)  # chunks of 4 / 7 tokens (last short), one
+def test_head_loss_equals_the_summed_cross_entropy_of_full_logits(chunk_elements):
+    hidden, weight = torch.randn(23, 16), torch.randn(97, 16)
+    targets = torch.randint(0, 97, (23,))
+    head_loss = HeadLoss(weight, torch.float32, chunk_elements)
+    expected = F.cross_entropy(hidden @ weight.T, targets, reduction="sum").double()
+    got = head_loss(hidden, targets)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert (
+        head_loss(hidden[:5], targets[:5]).item()
+        == pytest.approx(  # the buffers are reused, not stale
+            F.cross_entropy(hidden[:5] @ weight.T, targets[:5], reduction="sum").item(), rel=1e-6
+        )
+    )
+
+
+def test_head_loss_in_bf16_takes_the_exact_fp32_log_sum_exp_of_bf16_logits():
+    hidden, weight = torch.randn(40, 32), torch.randn(97, 32)
+    targets = torch.randint(0, 97, (40,))
+    logits = (hidden.bfloat16() @ weight.bfloat16().T).float()
+    expected = F.cross_entropy(logits, targets, reduction="sum").item()
+    assert HeadLoss(weight, torch.bfloat16, 97 * 8)(hidden, targets).item() == pytest.approx(
+        expected, rel=1e-6
+    )
+
+
+def test_evaluation_never_builds_the_full_logits(monkeypatch):
+    model = HierarchicalTransformer(tiny_config()).eval()
+    tokens = np.random.default_rng(0).integers(0, 97, size=200)
+    expected = evaluate_tokens(model, tokens, seq_len=16, stride=8, batch_size=4).loss
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the LM head module was called: (B, T, V) logits")
+
+    monkeypatch.setattr(model.head, "forward", refuse)
+    assert evaluate_tokens(model, tokens, seq_len=16, stride=8, batch_size=4).loss == expected
 
 
 def test_equals_trainer_validation_loss_on_the_same_windows():

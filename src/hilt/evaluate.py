@@ -6,6 +6,10 @@ targets (the ones no earlier window scored), each with ``seq_len - stride`` toke
 shorter than ``stride`` that fills no window is left out, exactly as in training's validation. With
 ``stride == seq_len`` the windows are the trainer's validation windows, so ``hilt eval --split val`` reproduces the
 validation loss the training run recorded (same tokens, same modulation scale, same precision).
+
+The loss comes from the final hidden states through ``HeadLoss``, a few dozen tokens' logits at a time in buffers
+reused for the whole run: the full (B, T, 50,260) fp32 logits of a batch (412 MB at 32 x 64) were faulted in afresh
+every batch and then read and written twice more by the log-softmax (docs/performance.md, "Evaluation speed").
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hilt.checkpoint import load_model_and_tokenizer
 from hilt.data import tokenize_file, train_val_tokens
@@ -58,6 +61,43 @@ class EvalResult:
         return self.tokens / self.seconds if self.seconds > 0 else math.inf
 
 
+# Logits per chunk (16 MB in fp32, 83 tokens of GPT-2's vocabulary): small enough that the matmul's output is
+# still in the cache when the log-sum-exp reads it, large enough to keep the matmul efficient.
+EVAL_CHUNK_ELEMENTS = 2**22
+
+
+class HeadLoss:
+    """Summed next-token loss of final hidden states under the LM head ``weight`` (V, C), computed as training's
+    validation computes it (logits ``h W^T`` in the compute dtype, an exact fp32 log-sum-exp per token) and summed in
+    float64, one chunk of tokens at a time. The weight in the compute dtype and the logits buffers are made once and
+    reused for every call: a fresh vocabulary-sized tensor per batch costs a page fault per 4 KB."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, chunk_elements: int = EVAL_CHUNK_ELEMENTS):
+        vocab = weight.size(0)
+        self.weight = weight.detach().to(dtype)  # (V, C)
+        self.chunk = max(1, chunk_elements // vocab)
+        self.logits = torch.empty(self.chunk, vocab, dtype=dtype, device=weight.device)
+        # the log-sum-exp works in place on fp32 logits: a second buffer when the matmul gives bf16/fp16
+        self.fp32 = (
+            self.logits if dtype == torch.float32 else torch.empty_like(self.logits, dtype=torch.float32)
+        )
+
+    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """hidden (N, C), targets (N,) -> sum over the N tokens of -log softmax(logits)[target], float64."""
+        h = hidden.to(self.weight.dtype)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for start in range(0, h.size(0), self.chunk):
+            h_c, t_c = h[start : start + self.chunk], targets[start : start + self.chunk]
+            n = h_c.size(0)
+            logits = torch.mm(h_c, self.weight.T, out=self.logits[:n])  # (n, V) in the compute dtype
+            x = logits if self.fp32 is self.logits else self.fp32[:n].copy_(logits)  # (n, V) fp32
+            target = x.gather(1, t_c[:, None]).squeeze(1)  # (n,)
+            peak = x.amax(dim=1, keepdim=True)  # (n, 1): exp never overflows
+            lse = x.sub_(peak).exp_().sum(dim=1).log_().add_(peak.squeeze(1))  # (n,), x is overwritten
+            total += (lse - target).double().sum()
+        return total
+
+
 @torch.no_grad()
 def evaluate_tokens(
     model: HierarchicalTransformer,
@@ -71,8 +111,8 @@ def evaluate_tokens(
     tokenizer: Tokenizer | None = None,
 ) -> EvalResult:
     """Scores ``tokens`` (1-D ids) with the sliding window above. ``tokenizer`` is needed for bits per byte
-    (NaN without it). Same arithmetic as the trainer's validation: fp32 cross-entropy of logits made under
-    ``amp_dtype`` autocast, summed in float64."""
+    (NaN without it). Same arithmetic as the trainer's validation: the hidden states under ``amp_dtype``
+    autocast, logits in that dtype, an fp32 log-sum-exp per token (``HeadLoss``), summed in float64."""
     stride = seq_len if stride is None else stride
     if seq_len > model.config.max_seq_len:
         raise UserError(f"--seq_len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
@@ -85,18 +125,18 @@ def evaluate_tokens(
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     t0 = time.perf_counter()
+    head_loss = HeadLoss(model.head.weight, amp_dtype or model.head.weight.dtype)
     for i in range(0, len(windows), batch_size):
         chunk = windows[i : i + batch_size]
         rows = np.stack([tokens[s : s + width] for s, _ in chunk]).astype(np.int64)
         batch = torch.from_numpy(rows).to(device)  # (B, T + 1)
         x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-            logits = model(x, modulation_scale)  # (B, T, V)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
-        # only the targets this window is the first to score: its last `scored` positions
+            hidden = model.features(x, modulation_scale)  # (B, T, C)
+        # only the targets this window is the first to score (its last `scored` positions) reach the head
         first_new = torch.tensor([y.size(1) - scored for _, scored in chunk], device=device)  # (B,)
         keep = torch.arange(y.size(1), device=device) >= first_new.unsqueeze(1)  # (B, T)
-        total += nll[keep].double().sum()
+        total += head_loss(hidden[keep], y[keep])
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
