@@ -1,7 +1,14 @@
 """HILT against Hugging Face GPT-2 of the same shape, measured side by side in one process.
 
-    .venv/bin/python benchmarks/bench.py                       # the README tables (~8 min on 2 CPU cores)
+    .venv/bin/python benchmarks/bench.py                       # the tables of docs/performance.md (~8 min, 2 cores)
     .venv/bin/python benchmarks/bench.py --quality_steps 100   # also: does bf16 train as well as fp32? (~6 more)
+    .venv/bin/python benchmarks/bench.py --assume_no_native_bf16   # the path of a CPU without native bf16
+    .venv/bin/python benchmarks/bench.py --avx2_kernels        # ... with torch/oneDNN/MKL limited to AVX2 kernels
+
+The first line names the CPU and whether its bf16 is native (CUDA, AVX-512 BF16 or AMX: /proc/cpuinfo's flags).
+Where it is, HILT trains in bf16 (as train.py does there) and fp32, against HF in fp32 and bf16 autocast. Where it
+is not, bf16 is emulated, several times slower than fp32: every contestant then runs in fp32, fp32 HILT is compared
+with fp32 HF, and the bf16 rows are left out (so the run stays within ~10 minutes on such CPUs).
 
 Training contestants take turns step by step (so drifts in machine speed hit all of them alike); each figure is the
 median over --steps timed steps after --warmup untimed ones. Training is measured twice, each time with one allocator
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import statistics
 import subprocess
@@ -26,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hilt.device import autocast_dtype
+from hilt.device import cpu_has_native_bf16
 from hilt.flops import training_flops_per_token
 from hilt.generate import generate, onednn_disabled
 from hilt.loss import LanguageModelLoss
@@ -36,6 +44,54 @@ from hilt.train import TrainConfig, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 50260
+
+
+# --- what kind of CPU this is ----------------------------------------------------------------------------------
+
+
+def read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The CPU's feature flags in /proc/cpuinfo's text (empty where there is none)."""
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def native_bf16(flags: set[str] | None = None, assume_no: bool = False) -> bool:
+    """True where bf16 matmuls run in hardware: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 or AMX. Elsewhere
+    (AVX2 CPUs: most laptops, many cloud VMs) torch emulates them, several times slower than fp32. Without
+    /proc/cpuinfo, torch's own check decides."""
+    if assume_no:
+        return False
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    flags = cpu_flags(read_cpuinfo()) if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags) if flags else cpu_has_native_bf16()
+
+
+def cpu_kind(cpuinfo: str | None = None, assume_no_native_bf16: bool = False) -> str:
+    """One line naming the CPU, its widest vector unit and whether its bf16 is native, for the head of a table."""
+    cpuinfo = read_cpuinfo() if cpuinfo is None else cpuinfo
+    flags = cpu_flags(cpuinfo)
+    name = next(
+        (ln.partition(":")[2].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), ""
+    )
+    widest = next(
+        (label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+                                   ("avx2", "AVX2")) if flag in flags),
+        "no AVX2",
+    )  # fmt: skip
+    bf16 = "native bf16" if native_bf16(flags) else "bf16 emulated"
+    forced = ", run as without it (--assume_no_native_bf16)" if assume_no_native_bf16 else ""
+    return (
+        f"{name or 'unknown CPU'} ({widest}, {bf16}{forced}), {os.cpu_count()} cores, torch CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}"
+    )
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -100,64 +156,69 @@ def hf_gpt2(d_model=256, n_layers=6, n_heads=8):
     return GPT2LMHeadModel(cfg)
 
 
-def bench_training(args, keep_freed_memory: bool) -> list[dict]:
+def training_specs(
+    native: bool, ilt_kinds: tuple[str, ...] = ()
+) -> list[tuple[str, dict, torch.dtype | None]]:
+    """(name, model settings, autocast dtype) of each training contestant; model settings None = HF GPT-2. With
+    native bf16: HILT in bf16 (what train.py uses there) and fp32, HF in fp32 and bf16. Without it bf16 is emulated
+    (several times slower than fp32, and not what anyone would train with), so every contestant runs fp32 and
+    fp32 HILT is compared with fp32 HF."""
+    precisions = (torch.bfloat16, None) if native else (None,)
+    specs = []
+    for dtype in precisions:
+        label = "bf16" if dtype else "fp32"
+        specs.append((f"HILT ({label}, ILTs on)", {}, dtype))
+        specs.append((f"HILT ({label}, n_layers_ilt=0)", {"n_layers_ilt": 0}, dtype))
+    specs += [(f"HILT (fp32, ilt_kind {kind})", {"ilt_kind": kind}, None) for kind in ilt_kinds]
+    specs += [("HF GPT-2 (fp32)", None, None)]
+    specs += [("HF GPT-2 (bf16 autocast)", None, torch.bfloat16)] if native else []
+    return specs
+
+
+def bench_training(args, keep_freed_memory: bool, native: bool) -> list[dict]:
     """One table's rows, every contestant under the same allocator setting: glibc's defaults (how a plain training
     script runs) or freed memory kept (how train.py runs its steps, hilt.memory)."""
-    hilt_dtype = autocast_dtype(torch.device("cpu"), use_amp=True)  # what train.py uses here by default
-    torch.manual_seed(0)
-    hilt_cfg = ModelConfig(vocab_size=VOCAB)
-    plain_cfg = ModelConfig(vocab_size=VOCAB, n_layers_ilt=0)
     hilt_loss = lambda m, x, y: LanguageModelLoss(m)(x, y, 0.1)  # noqa: E731  # what train.py's step calls
     hf_loss = lambda m, x, y: F.cross_entropy(  # noqa: E731  # as HF's own loss: fp32 logits
         m(input_ids=x, use_cache=False).logits.flatten(0, 1).float(), y.flatten()
     )
-    hf_flops = training_flops_per_token(plain_cfg, args.seq_len)  # same matmul shapes as the plain HILT
-    label = str(hilt_dtype).replace("torch.", "") if hilt_dtype else "fp32"
-    contestants = [
-        Contestant(
-            f"HILT ({label}, ILTs on)",
-            HierarchicalTransformer(hilt_cfg),
-            hilt_dtype,
-            training_flops_per_token(hilt_cfg, args.seq_len),
-            hilt_loss,
-        ),
-        Contestant(
-            f"HILT ({label}, n_layers_ilt=0)",
-            HierarchicalTransformer(plain_cfg),
-            hilt_dtype,
-            training_flops_per_token(plain_cfg, args.seq_len),
-            hilt_loss,
-        ),
-        Contestant("HF GPT-2 (fp32)", hf_gpt2(), None, hf_flops, hf_loss),
-        Contestant("HF GPT-2 (bf16 autocast)", hf_gpt2(), torch.bfloat16, hf_flops, hf_loss),
-    ]
-    if hilt_dtype is not None:
-        contestants.insert(
-            1,
-            Contestant(
-                "HILT (fp32, ILTs on)",
-                HierarchicalTransformer(hilt_cfg),
-                None,
-                training_flops_per_token(hilt_cfg, args.seq_len),
-                hilt_loss,
-            ),
-        )
+    # same matmul shapes as the plain HILT
+    hf_flops = training_flops_per_token(ModelConfig(vocab_size=VOCAB, n_layers_ilt=0), args.seq_len)
+    contestants = []
+    for name, settings, dtype in training_specs(native, args.ilt_kind):
+        torch.manual_seed(0)
+        if settings is None:
+            contestants.append(Contestant(name, hf_gpt2(), dtype, hf_flops, hf_loss))
+        else:
+            cfg = ModelConfig(vocab_size=VOCAB, **settings)
+            flops = training_flops_per_token(cfg, args.seq_len)
+            contestants.append(Contestant(name, HierarchicalTransformer(cfg), dtype, flops, hilt_loss))
     for c in contestants:
         c.model.train()
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (args.batch_size, args.seq_len + 1), generator=g)
     x, y = x[:, :-1], x[:, 1:]
     allocator = freed_memory_kept() if keep_freed_memory else contextlib.nullcontext()
+    default_dtype = torch.bfloat16 if native else None  # what train.py trains with here
     with allocator:
         take_turns(contestants, x, y, args.warmup, args.steps)
         # Each contestant's speed depends on who ran before it (allocator and cache state): HF fp32 measured
-        # 715-985 tokens/s depending on the company. So the default-precision models are also timed alone, and
-        # every ratio to HF is taken against the faster of its two figures.
-        for c in [c for c in contestants if c.name.startswith("HF") or c.amp_dtype == hilt_dtype]:
-            alone = Contestant(f"{c.name}, alone", c.model, c.amp_dtype, c.flops_per_token, c.loss_fn)
-            take_turns([alone], x, y, args.warmup, args.steps)
-            contestants.append(alone)
-    peaks = {None: matmul_peak(torch.float32), torch.bfloat16: matmul_peak(torch.bfloat16)}
+        # 715-985 tokens/s depending on the company. So HF and the default-precision design HILTs are also timed
+        # alone, and every ratio to HF is taken against the faster of its two figures. (Without native bf16 only
+        # HF: the run must stay short on the slower machines that lack it.)
+        alone = [
+            c
+            for c in contestants
+            if c.name.startswith("HF")
+            or (native and c.amp_dtype == default_dtype and "ilt_kind" not in c.name)
+        ]
+        for c in alone:
+            solo = Contestant(f"{c.name}, alone", c.model, c.amp_dtype, c.flops_per_token, c.loss_fn)
+            take_turns([solo], x, y, args.warmup, args.steps)
+            contestants.append(solo)
+    peaks = {None: matmul_peak(torch.float32)}
+    if native:  # an emulated bf16 matmul has no peak worth dividing by
+        peaks[torch.bfloat16] = matmul_peak(torch.bfloat16)
     tokens = args.batch_size * args.seq_len
     rows = []
     for c in contestants:
@@ -174,16 +235,15 @@ def bench_training(args, keep_freed_memory: bool) -> list[dict]:
     return rows, peaks
 
 
-def bench_generation(args) -> list[dict]:
-    """Batch-1 greedy decoding with the cache; rows in the order printed."""
+def bench_generation(args, native: bool) -> list[dict]:
+    """Batch-1 greedy decoding with the cache; rows in the order printed. Without native bf16 only fp32."""
     # what `hilt generate` uses here by default
-    compute_dtype = autocast_dtype(torch.device("cpu"), use_amp=True)
-    label = str(compute_dtype).replace("torch.", "") if compute_dtype else "fp32"
+    compute_dtype = torch.bfloat16 if native else None
+    label = "bf16" if native else "fp32"
     torch.manual_seed(0)
     hilt = HierarchicalTransformer(ModelConfig(vocab_size=VOCAB)).eval()
     plain = HierarchicalTransformer(ModelConfig(vocab_size=VOCAB, n_layers_ilt=0)).eval()
     hf = hf_gpt2().eval()
-    hf_bf16 = hf_gpt2().to(torch.bfloat16).eval()
     prompt = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
     n = args.new_tokens
 
@@ -206,15 +266,16 @@ def bench_generation(args) -> list[dict]:
 
         return run
 
-    contestants = {
-        f"HILT generate (ILTs on, {label}: the default)": hilt_run(hilt, compute_dtype),
-        "HILT generate (ILTs on, fp32: --no_amp)": hilt_run(hilt, None),
-        f"HILT generate (n_layers_ilt=0, {label})": hilt_run(plain, compute_dtype),
-        "HF GPT2LMHeadModel.generate (fp32)": hf_run(hf),
-        "HF GPT2LMHeadModel.generate (bf16 weights)": hf_run(hf_bf16),
+    contestants = {f"HILT generate (ILTs on, {label}: the default)": hilt_run(hilt, compute_dtype)}
+    if native:
+        contestants["HILT generate (ILTs on, fp32: --no_amp)"] = hilt_run(hilt, None)
+    contestants[f"HILT generate (n_layers_ilt=0, {label})"] = hilt_run(plain, compute_dtype)
+    contestants["HF GPT2LMHeadModel.generate (fp32)"] = hf_run(hf)
+    if native:
+        hf_bf16 = hf_gpt2().to(torch.bfloat16).eval()
+        contestants["HF GPT2LMHeadModel.generate (bf16 weights)"] = hf_run(hf_bf16)
         # not a reference, for transparency: HF bf16 given HILT's single-row switch away from oneDNN
-        "HF GPT2LMHeadModel.generate (bf16 weights, oneDNN off)": hf_run(hf_bf16, onednn=False),
-    }
+        contestants["HF GPT2LMHeadModel.generate (bf16 weights, oneDNN off)"] = hf_run(hf_bf16, onednn=False)
     times = {k: [] for k in contestants}
     with torch.inference_mode():
         for i in range(args.gen_rounds + 1):
@@ -268,26 +329,40 @@ def quality(args) -> dict:
 
 def print_training(rows: list[dict], peaks: dict) -> None:
     hf32 = max(r["tok_s"] for r in rows if r["name"].startswith("HF GPT-2 (fp32)"))
-    hf16 = max(r["tok_s"] for r in rows if r["name"].startswith("HF GPT-2 (bf16 autocast)"))
-    print(
-        f"\nmatmul peak: fp32 {peaks[None] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s"
+    bf16_hf = [r["tok_s"] for r in rows if r["name"].startswith("HF GPT-2 (bf16 autocast)")]
+    hf16 = max(bf16_hf) if bf16_hf else None
+    peak_text = ", ".join(
+        f"{'bf16' if dtype else 'fp32'} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items()
     )
-    print(
-        "\n| training (fwd+bwd+AdamW) | step (s) | tokens/s | vs HF fp32 (faster figure) | vs HF bf16 (faster figure) | MFU |"
-    )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"\nmatmul peak: {peak_text}")
+    vs16 = " vs HF bf16 (faster figure) |" if hf16 else ""
+    print(f"\n| training (fwd+bwd+AdamW) | step (s) | tokens/s | vs HF fp32 (faster figure) |{vs16} MFU |")
+    print("| --- | --- | --- | --- |" + (" --- |" if hf16 else "") + " --- |")
     for r in rows:
+        ratio16 = f" {r['tok_s'] / hf16:.2f}x |" if hf16 else ""
         print(
-            f"| {r['name']} | {r['step_s']:.3f} | {r['tok_s']:,.0f} | {r['tok_s'] / hf32:.2f}x | "
-            f"{r['tok_s'] / hf16:.2f}x | {r['mfu']:.0%} |"
+            f"| {r['name']} | {r['step_s']:.3f} | {r['tok_s']:,.0f} | {r['tok_s'] / hf32:.2f}x |{ratio16} "
+            f"{r['mfu']:.0%} |"
         )
+    for kind in ("ILTs on", "n_layers_ilt=0", "ilt_kind"):
+        for r in rows:
+            if r["name"].startswith("HILT (fp32") and kind in r["name"] and not r["name"].endswith("alone"):
+                print(
+                    f"{r['name']} against HF GPT-2 (fp32), same allocator setting: {r['tok_s'] / hf32:.2f}x "
+                    "(target >= 1.2x)"
+                )
     for suffix in ("", ", alone"):
-        ilt = next(r for r in rows if "ILTs on" in r["name"] and r["name"].endswith(suffix))
-        plain = next(r for r in rows if "n_layers_ilt=0" in r["name"] and r["name"].endswith(suffix))
-        print(
-            f"ILT cost{suffix or ' (taking turns)'}: HILT with ILTs takes {plain['tok_s'] / ilt['tok_s']:.2f}x "
-            "the time of n_layers_ilt=0"
-        )
+        ilt = [r for r in rows if "ILTs on" in r["name"] and r["name"].endswith(suffix)]
+        plain = [r for r in rows if "n_layers_ilt=0" in r["name"] and r["name"].endswith(suffix)]
+        if ilt and plain:
+            print(
+                f"ILT cost{suffix or ' (taking turns)'}: HILT with ILTs takes "
+                f"{plain[0]['tok_s'] / ilt[0]['tok_s']:.2f}x the time of n_layers_ilt=0"
+            )
+
+
+# ISA limits that make torch, oneDNN and MKL run the kernels an AVX2 CPU would (read once, at import)
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def main() -> None:
@@ -301,10 +376,32 @@ def main() -> None:
     p.add_argument(
         "--quality_steps", type=int, default=0, help="also compare bf16 and fp32 val loss (0 = skip)"
     )
+    p.add_argument(
+        "--assume_no_native_bf16",
+        action="store_true",
+        help="take the path of a CPU without native bf16 (fp32 only) even where bf16 is native",
+    )
+    p.add_argument(
+        "--avx2_kernels",
+        action="store_true",
+        help="also limit torch, oneDNN and MKL to AVX2 kernels, as on an AVX2 CPU (implies "
+        "--assume_no_native_bf16; restarts the process with ATEN_CPU_CAPABILITY etc. set)",
+    )
+    p.add_argument(
+        "--ilt_kind",
+        type=lambda v: tuple(k for k in v.split(",") if k),
+        default=(),
+        help="comma-separated ILT kinds to train in fp32 as well, beside the design ILT (default: none)",
+    )
     args = p.parse_args()
+    if args.avx2_kernels and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
+    native = native_bf16(assume_no=args.assume_no_native_bf16 or args.avx2_kernels)
 
+    print(cpu_kind(assume_no_native_bf16=args.assume_no_native_bf16 or args.avx2_kernels))
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x {args.seq_len}; "
+        + ("bf16 native: bf16 and fp32 contestants" if native else "no native bf16: every contestant in fp32")
     )
     for keep, title in (
         (
@@ -314,24 +411,28 @@ def main() -> None:
         (True, "freed memory kept (hilt.memory): how train.py runs its steps; the same setting for HF"),
     ):
         print(f"\n### Training, {title}")
-        print_training(*bench_training(args, keep))
+        print_training(*bench_training(args, keep, native))
 
-    gen = bench_generation(args)
+    gen = bench_generation(args, native)
     hf_gen32 = next(r for r in gen if r["name"].endswith("(fp32)"))["tok_s"]
-    hf_gen16 = next(r for r in gen if r["name"].endswith("(bf16 weights)"))["tok_s"]
+    hf_gen16 = next((r["tok_s"] for r in gen if r["name"].endswith("(bf16 weights)")), None)
+    vs16 = " vs HF bf16 |" if hf_gen16 else ""
     print(f"\n| generation, batch 1, 8-token prompt, {args.new_tokens} new tokens, greedy, cache | tokens/s | vs HF fp32 "
-          "| vs HF bf16 |")  # fmt: skip
-    print("| --- | --- | --- | --- |")
+          f"|{vs16}")  # fmt: skip
+    print("| --- | --- | --- |" + (" --- |" if hf_gen16 else ""))
     for r in gen:
-        print(
-            f"| {r['name']} | {r['tok_s']:,.1f} | {r['tok_s'] / hf_gen32:.2f}x | {r['tok_s'] / hf_gen16:.2f}x |"
-        )
+        ratio16 = f" {r['tok_s'] / hf_gen16:.2f}x |" if hf_gen16 else ""
+        print(f"| {r['name']} | {r['tok_s']:,.1f} | {r['tok_s'] / hf_gen32:.2f}x |{ratio16}")
     print(f"\nGeneration: HILT {gen[0]['tok_s'] / hf_gen32:.2f}x the tokens/s of HF generate (fp32)")
 
     print(
         f"\nPeak RSS of a default train.py run (batch 32 x 128, 5 steps): {peak_rss_of_default_training():.2f} GB"
     )
-    if args.quality_steps:
+    if args.quality_steps and not native:
+        print(
+            "\nbf16 against fp32 quality: skipped, bf16 is emulated on this CPU (train.py trains in fp32 here)"
+        )
+    elif args.quality_steps:
         q = quality(args)
         print(
             f"\nVal loss after {args.quality_steps} steps on data.txt: bf16 {q['bf16']:.5f}, fp32 {q['fp32']:.5f} "
