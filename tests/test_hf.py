@@ -409,6 +409,21 @@ def test_bad_inputs_are_one_line_and_exit_status_2(exported, tmp_path, capsys):
     assert [p.name for p in taken.iterdir()] == ["keep.txt"] and not (tmp_path / "a").exists()
 
 
+def test_a_folder_from_a_newer_hilt_is_refused_not_misread(exported, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(exported[2], tmp_path / "newer")
+    for name in ("config.json", "hilt_checkpoint.json"):
+        values = json.loads((folder / name).read_text())
+        if name == "config.json":
+            values["ilt_future_variant"] = True
+        else:
+            values["config_fields"].append("ilt_future_variant")
+        (folder / name).write_text(json.dumps(values))
+    code, err = run_cli(capsys, "generate", "--model_path", str(folder))
+    assert code == 2 and "newer HILT" in err and "ilt_future_variant" in err and err.count("\n") == 1
+
+
 def test_a_checkpoint_the_export_cannot_represent_is_refused(tmp_path, capsys):
     model = HierarchicalTransformer(tiny_gpt2_config())
     ckpt = {

@@ -34,12 +34,19 @@ def load_exported(path: str | Path, device: torch.device):
     values = read_json(folder / "config.json", folder)
     if values is None or values.get("model_type") != "hilt":
         found = (
-            "no config.json" if values is None else f"config.json has model_type {values.get('model_type')!r}"
+            "no config.json" if values is None else f"model_type {values.get('model_type')!r} in config.json"
         )
         raise UserError(
-            f"{folder} is not a HILT export ({found}, not 'hilt'); give a checkpoint or an export"
+            f"{folder} is not a HILT export ({found}); give a checkpoint or a folder written by hilt export"
         )
+    meta = read_json(folder / META_FILE, folder) or {}
     known = {f.name for f in fields(ModelConfig)}
+    # config.json also holds transformers' own keys, so only the exporter's list tells a newer HILT's field
+    newer = sorted(set(meta.get("config_fields", ())) - known)
+    if newer:
+        raise UserError(
+            f"{folder} was exported by a newer HILT: this one does not know ModelConfig.{', '.join(newer)}"
+        )
     try:
         config = ModelConfig.from_dict({k: v for k, v in values.items() if k in known})
     except (TypeError, ValueError) as e:
@@ -62,7 +69,6 @@ def load_exported(path: str | Path, device: torch.device):
             f"{weights}: weights do not match the architecture in config.json: {str(e).splitlines()[0]}"
         ) from None
 
-    meta = read_json(folder / META_FILE, folder) or {}
     shipped = Tokenizer.load()
     if meta.get("tokenizer") == shipped.name:
         tokenizer = shipped  # the package's GPT-2 files: the same identity, so token caches are shared

@@ -125,6 +125,7 @@ def write_folder(model, tokenizer, ckpt: dict, folder: Path) -> None:
 
     write_tokenizer(tokenizer, config.max_seq_len, folder)
     meta = {key: ckpt[key] for key in META_KEYS if ckpt.get(key) is not None}
+    meta["config_fields"] = list(config.to_dict())  # how load_exported tells a field it does not know
     (folder / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
     card = model_card(config, meta, hf_model.num_parameters(), tokenizer)
     (folder / "README.md").write_text(card, encoding="utf-8")

@@ -122,6 +122,10 @@ class HiltForCausalLM(PreTrainedModel, GenerationMixin):
         ``attention_mask`` (B, S) covers the cached and the new tokens; rows may be left-padded. Without
         ``modulation_scale`` the ILTs use ``generate``'s, else the one in generation_config.json (the trained
         model's final scale, which HILT uses too), else ``config.modulation_scale_end``."""
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("HiltForCausalLM takes input_ids, not inputs_embeds")
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise ValueError("HiltForCausalLM returns no attentions or hidden states")
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = getattr(self.config, "use_cache", True)
@@ -132,10 +136,10 @@ class HiltForCausalLM(PreTrainedModel, GenerationMixin):
         T = input_ids.size(1)
         positions, mask = position_ids, None
         if attention_mask is not None and not bool(attention_mask.all()):
-            if attention_mask.size(1) != (cache.get_seq_length() if cache is not None else 0) + T:
+            S = (cache.get_seq_length() if cache is not None else 0) + T
+            if attention_mask.size(1) != S:
                 raise ValueError(
-                    f"attention_mask covers {attention_mask.size(1)} tokens; the cache and input_ids hold "
-                    f"{(cache.get_seq_length() if cache is not None else 0) + T}"
+                    f"attention_mask covers {attention_mask.size(1)} tokens; cache + input_ids: {S}"
                 )
             from_mask, mask = padding_inputs(attention_mask, T)
             positions = from_mask if positions is None else positions
