@@ -75,7 +75,7 @@ def test_head_loss_equals_the_summed_cross_entropy_of_full_logits(chunk_elements
     )
 
 
-def test_head_loss_in_bf16_takes_the_exact_fp32_log_sum_exp_of_bf16_logits():
+def test_head_loss_in_bf16_takes_the_exact_fp32_log_softmax_of_bf16_logits():
     hidden, weight = torch.randn(40, 32), torch.randn(97, 32)
     targets = torch.randint(0, 97, (40,))
     logits = (hidden.bfloat16() @ weight.bfloat16().T).float()
