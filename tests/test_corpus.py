@@ -95,6 +95,31 @@ def test_piece_cuts_happen_and_fall_back_to_spaces_in_long_lines(tmp_path, tok):
     ).tolist() == tok.encode(text)
 
 
+@pytest.mark.parametrize("gpt2_cuts", [True, False])
+def test_the_last_cut_is_the_last_match_of_a_full_scan(gpt2_cuts):
+    from hilt.corpus import DocumentSplitter
+
+    splitter = DocumentSplitter(None, strip=False, gpt2_cuts=gpt2_cuts, piece_chars=700)
+
+    def full_scan(
+        text, limit
+    ):  # the definition: prefer a line cut, in the last 4 pieces' worth, then anywhere
+        for lo in (max(0, limit - 4 * 700), 0):
+            for cut in splitter.cuts:
+                ends = [m.end() for m in cut.finditer(text, lo, limit)]
+                if ends:
+                    return ends[-1]
+        return None
+
+    rng = random.Random(0)
+    for seed in range(40):
+        # long lines, rare spaces, or none at all: every fallback gets its turn
+        words = ["x" * rng.randint(1, 3000) for _ in range(rng.randint(1, 12))]
+        text = "".join(w + rng.choice(["\n", " ", "\r\n", "", "\n\n"]) for w in words) + tricky_text(50, seed)
+        for limit in (len(text), len(text) // 2, rng.randint(0, len(text))):
+            assert splitter._last_cut(text, limit) == full_scan(text, limit)
+
+
 def test_tiktoken_agrees_with_the_reference_tokenizer_on_real_text(tok):
     text = DATA_TXT.read_text(encoding="utf-8")[:300_000]
     encode, name = piece_encoder(tok)

@@ -265,14 +265,24 @@ class DocumentSplitter:
         return m.end() if m else None
 
     def _last_cut(self, text: str, limit: int) -> int | None:
+        """The last cut before ``limit``: a line cut in the last 4 pieces' worth of text, else a space cut there,
+        else the same over the whole text. A cut depends only on its own two characters, so the last one in a
+        short tail is the last one in any longer stretch: the tail grows 8-fold until it holds one (iterating every
+        line end of 256K characters in Python cost 30 ms per 4 MB block, with the GIL held)."""
         window = 4 * self.piece_chars
-        for lo in (max(0, limit - window), 0):
+        for floor in (max(0, limit - window), 0):
             for cut in self.cuts:
-                last = None
-                for m in cut.finditer(text, lo, limit):
-                    last = m.end()
-                if last:
-                    return last
+                span = 1024
+                while True:
+                    lo = max(floor, limit - span)
+                    last = None
+                    for m in cut.finditer(text, lo, limit):
+                        last = m.end()
+                    if last:
+                        return last
+                    if lo == floor:
+                        break
+                    span *= 8
         return None
 
 

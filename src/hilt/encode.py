@@ -66,9 +66,11 @@ def _tiktoken_gpt2(tokenizer: Tokenizer) -> Encoder | None:
         import tiktoken
     except ImportError:
         return None
-    byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
+    # vocab.json spells each byte as one printable character; translate maps them back to chr(byte) in C and
+    # latin-1 turns those into the bytes (measured 0.15 -> 0.08 s of start-up against a generator per token)
+    to_bytes = {ord(ch): b for b, ch in _bytes_to_unicode().items()}
     vocab = json.loads((gpt2_files_dir() / "vocab.json").read_text(encoding="utf-8"))
-    ranks = {bytes(byte_of[c] for c in token): rank for token, rank in vocab.items()}
+    ranks = {token.translate(to_bytes).encode("latin-1"): rank for token, rank in vocab.items()}
     specials = {"<PAD>": tokenizer.pad_id, "<BOS>": tokenizer.bos_id, "<EOS>": tokenizer.eos_id}
     enc = tiktoken.Encoding("hilt-gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
     if enc.encode(PROBE, allowed_special="all") != tokenizer.encode(PROBE):
