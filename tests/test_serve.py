@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -473,6 +474,11 @@ def test_cli_mistakes_are_one_line(checkpoint, tmp_path, capsys):
     assert "not a valid Jinja template" in capsys.readouterr().err
     assert main(["serve", "--model_path", checkpoint, "--max_batch", "0"]) == 2
     assert "--max_batch" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--model_path", checkpoint, "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
 def test_the_default_template_and_its_role_stops():
