@@ -4,9 +4,11 @@ the tokenizing rate, the peak memory of that process and the start-up time once 
     .venv/bin/python benchmarks/bench_data.py                    # 200 MB corpus in a temporary folder
     .venv/bin/python benchmarks/bench_data.py --mb 1000          # peak memory must not grow with the size
     .venv/bin/python benchmarks/bench_data.py --threads 1        # the pipeline on one core
+    .venv/bin/python benchmarks/bench_data.py --mb 55 --from_text /work/shared/data/kjv.txt   # real text, one doc
 
 The corpus: stories of 3-8 lines of 10-60 words drawn with data.txt's word frequencies, a blank line between
-stories (prepared with --doc_separator blank, so an <EOS> ends each story). Each `hilt prepare` runs in its own
+stories (prepared with --doc_separator blank, so an <EOS> ends each story). With --from_text, copies of that file
+instead, prepared as `hilt prepare` prepares a plain text by default (the whole file one document). Each `hilt prepare` runs in its own
 process; its peak RSS comes from wait4(). For scale, the single-threaded rate of the bare encoders (tiktoken and
 Hugging Face tokenizers, one call on a slice of the same text) is measured too, and the cache's first stories are
 checked against a one-shot encode. The machine's load average is printed: on a shared machine the rates are lower
@@ -32,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from hilt.corpus import GPT2_LINE_CUT  # noqa: E402
 from hilt.encode import piece_encoder  # noqa: E402
 from hilt.token_cache import open_cache  # noqa: E402
 from hilt.tokenizer import Tokenizer  # noqa: E402
@@ -64,6 +67,16 @@ def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
     return path.stat().st_size
 
 
+def write_copies(path: Path, source: Path, megabytes: float) -> int:
+    """Concatenates whole copies of ``source`` until ``path`` holds at least ``megabytes`` MB; returns the size."""
+    data = source.read_bytes()
+    copies = max(1, -(-int(megabytes * 1e6) // len(data)))  # ceil
+    with open(path, "wb") as f:
+        for _ in range(copies):
+            f.write(data)
+    return path.stat().st_size
+
+
 def run_prepare(args: list[str]) -> tuple[float, float, float, str]:
     """Runs `hilt prepare` in a fresh process: (wall seconds, CPU seconds, peak RSS in MB, stdout)."""
     start = time.perf_counter()
@@ -93,20 +106,31 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed afterwards)")
     ap.add_argument("--threads", type=int, default=None, help="encoder threads (default: all cores)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument(
+        "--from_text",
+        default=None,
+        metavar="FILE",
+        help="the corpus is copies of FILE up to --mb MB, one document (default: synthetic stories)",
+    )
     args = ap.parse_args()
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="hilt-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
-    src, cache_dir = work / "stories.txt", work / "cache"
+    src, cache_dir = work / ("copies.txt" if args.from_text else "stories.txt"), work / "cache"
+    separator = None if args.from_text else "blank"
     load_before = os.getloadavg()
     try:
         t0 = time.perf_counter()
-        size = write_corpus(src, args.mb)
-        print(
-            f"corpus: {size / 1e6:,.1f} MB of synthetic stories in {src} ({time.perf_counter() - t0:.0f} s)"
-        )
+        if args.from_text:
+            size = write_copies(src, Path(args.from_text), args.mb)
+            what = f"copies of {args.from_text}"
+        else:
+            size = write_corpus(src, args.mb)
+            what = "synthetic stories"
+        print(f"corpus: {size / 1e6:,.1f} MB of {what} in {src} ({time.perf_counter() - t0:.0f} s)")
 
-        prepare = ["--text_file", str(src), "--cache_dir", str(cache_dir), "--doc_separator", "blank"]
+        prepare = ["--text_file", str(src), "--cache_dir", str(cache_dir)]
+        prepare += ["--doc_separator", separator] if separator else []
         prepare += ["--threads", str(args.threads)] if args.threads else []
         cold_wall, cold_cpu, cold_rss, _ = run_prepare(prepare)
         warm_wall, _, warm_rss, warm_out = run_prepare(prepare)
@@ -114,7 +138,7 @@ def main() -> None:
 
         tok = Tokenizer.load()
         start = time.perf_counter()
-        cache = open_cache(src, tok, cache_dir=cache_dir, doc_separator="blank", log=None)
+        cache = open_cache(src, tok, cache_dir=cache_dir, doc_separator=separator, log=None)
         hit_ms = (time.perf_counter() - start) * 1e3
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import hilt.cli, hilt.train"], check=True)
@@ -124,10 +148,13 @@ def main() -> None:
         # the cache's first stories equal a one-shot encode of them
         with open(src, "rb") as f:
             sample = f.read(20_000_000).decode("utf-8", errors="ignore")
-        head = sample[:2_000_000].split("\n\n")[:-1]
         expected: list[int] = []
-        for i, story in enumerate(head):
-            expected += ([tok.eos_id] if i else []) + tok.encode(story.strip("\r\n"))
+        if separator:  # the first stories, <EOS> between them
+            for i, story in enumerate(sample[:2_000_000].split("\n\n")[:-1]):
+                expected += ([tok.eos_id] if i else []) + tok.encode(story.strip("\r\n"))
+        else:  # the text up to a safe cut (see hilt.corpus) has the first ids of the whole text
+            *_, last = GPT2_LINE_CUT.finditer(sample, 0, 2_000_000)
+            expected = tok.encode(sample[: last.end()])
         assert cache.tokens[: len(expected)].tolist() == expected, "cache differs from a one-shot encode"
 
         encode = piece_encoder(tok)[0]
@@ -137,6 +164,11 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
+    # only now: torch in this process would raise the children's peak RSS (Linux carries it over exec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench import cpu_kind
+
+    print(cpu_kind())
 
     figures = {
         "corpus_mb": size / 1e6,
@@ -145,6 +177,7 @@ def main() -> None:
         "threads": meta["threads"],
         "cold_prepare_s": cold_wall,
         "cold_prepare_mb_s": size / 1e6 / cold_wall,
+        "start_up_and_finish_s": cold_wall - meta["build_seconds"],
         "tokenizing_pass_mb_s": size / 1e6 / meta["build_seconds"],
         "cold_cpu_s": cold_cpu,
         "cold_mb_per_cpu_s": size / 1e6 / cold_cpu,
@@ -159,11 +192,13 @@ def main() -> None:
         "load_average_after": load_after[0],
     }
     print(
-        f"tokens: {meta['n_tokens']:,} in {meta['n_documents']:,} stories ({meta['encoder']}, {meta['threads']} threads)"
+        f"tokens: {meta['n_tokens']:,} in {meta['n_documents']:,} document(s) ({meta['encoder']}, "
+        f"{meta['threads']} threads)"
     )
     print(
         f"first prepare: {cold_wall:.1f} s = {figures['cold_prepare_mb_s']:.1f} MB/s end to end "
-        f"({figures['tokenizing_pass_mb_s']:.1f} MB/s in the tokenizing pass), peak RSS {cold_rss:,.0f} MB; "
+        f"({figures['tokenizing_pass_mb_s']:.1f} MB/s in the tokenizing pass, {cold_wall - meta['build_seconds']:.1f} s "
+        f"before and after it), peak RSS {cold_rss:,.0f} MB; "
         f"{cold_cpu:.1f} CPU-seconds = {figures['cold_mb_per_cpu_s']:.1f} MB per CPU-second"
     )
     print(
