@@ -501,3 +501,68 @@ def test_a_template_file_as_transformers_stores_it(tmp_path):
     with pytest.raises(UserError, match="no chat_template"):
         (tmp_path / "empty.json").write_text("{}")
         ChatTemplate.load(tmp_path / "empty.json", "<BOS>", "<EOS>")
+
+
+# --- the app in this process: loading, timeouts, CORS ----------------------------------------------------------
+
+
+def test_health_is_503_until_loaded_then_timeouts_and_cors(checkpoint):
+    import threading
+
+    import uvicorn
+
+    from hilt.checkpoint import load_model_and_tokenizer
+    from hilt.engine import Engine
+    from hilt.serve.app import AppSettings, Loaded, create_app
+
+    release = threading.Event()
+
+    def load() -> Loaded:
+        release.wait(30)
+        model, tokenizer, _ = load_model_and_tokenizer(checkpoint, torch.device("cpu"))
+        engine = Engine(model, tokenizer, max_slots=2).start()
+        return Loaded(engine=engine, tokenizer=tokenizer, info={"max_model_len": CONTEXT})
+
+    settings = AppSettings(served_model_name=NAME, request_timeout=0.5, cors_origins=["https://ok.example"])
+    app = create_app(settings, load)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+
+        class Here:
+            port = sock.getsockname()[1]
+
+        try:
+            deadline = time.monotonic() + 10
+            while call(Here, "GET", "/health")[0] == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            headers, error = assert_error(call(Here, "GET", "/health"), 503)
+            assert error["code"] == "model_loading" and int(headers["retry-after"]) > 0
+            assert_error(call(Here, "POST", "/v1/completions", {"prompt": "x"}), 503)
+            release.set()
+            deadline = time.monotonic() + 60
+            while call(Here, "GET", "/health")[0] != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            # a request that runs past --request_timeout: 504, or an error event once a stream has begun
+            slow = {"prompt": "x", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
+            _, error = assert_error(call(Here, "POST", "/v1/completions", slow), 504)
+            assert error["type"] == "timeout_error"
+            events = read_events(open_stream(Here, "/v1/completions", {**slow, "stream": True})[1])
+            assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "timeout_error"
+            # CORS answers only the origins it was given
+            allowed = call(Here, "GET", "/health", headers={"Origin": "https://ok.example"})[1]
+            other = call(Here, "GET", "/health", headers={"Origin": "https://evil.example"})[1]
+            assert allowed.get("access-control-allow-origin") == "https://ok.example"
+            assert "access-control-allow-origin" not in other
+        finally:
+            server.should_exit = True
+            thread.join(30)
+
+
+def test_cors_is_off_by_default(server):
+    headers = call(server, "GET", "/health", headers={"Origin": "https://ok.example"})[1]
+    assert not any(h.startswith("access-control-") for h in headers)
