@@ -95,6 +95,13 @@ def test_evaluation_never_builds_the_full_logits(monkeypatch):
 
     monkeypatch.setattr(model.head, "forward", refuse)
     assert evaluate_tokens(model, tokens, seq_len=16, stride=8, batch_size=4).loss == expected
+    # training's validation too: it goes through the chunked LanguageModelLoss
+    cfg = TrainConfig(text_file="-", batch_size=4, seq_len=16, epochs=1, amp=False, out_dir="/nonexistent")
+    data = TokenBatches(tokens.astype(np.uint16), 16, 4, shuffle=False)
+    trainer = Trainer(model, cfg, data, data, device=torch.device("cpu"), is_main=False)
+    assert trainer.evaluate() == pytest.approx(
+        evaluate_tokens(model, tokens, seq_len=16, batch_size=4).loss, abs=1e-6
+    )
 
 
 def test_equals_trainer_validation_loss_on_the_same_windows():
