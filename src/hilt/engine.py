@@ -283,6 +283,7 @@ class _Row:
 class _Counters:
     steps: int = 0
     decode_calls: int = 0
+    decode_rows: int = 0
     prefill_calls: int = 0
     generated_tokens: int = 0
     prefill_tokens: int = 0
@@ -446,6 +447,9 @@ class Engine:
                 "max_queue": self.max_queue,
                 "cache_bytes": self.cache_bytes,
                 "steps": c.steps,
+                "decode_calls": c.decode_calls,
+                "decode_rows": c.decode_rows,
+                "prefill_calls": c.prefill_calls,
                 "generated_tokens": c.generated_tokens,
                 "prefill_tokens": c.prefill_tokens,
                 "padded_prefill_tokens": c.padded_prefill_tokens,
@@ -633,6 +637,7 @@ class Engine:
             logits = self._head(hidden[:, -1])
         with self._lock:
             self._counters.decode_calls += 1
+            self._counters.decode_rows += d
         self._sample_and_emit(rows, logits)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
