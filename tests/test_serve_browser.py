@@ -61,18 +61,23 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
-
+def browser(server):
     with sync_playwright() as p:
         browser = launch(p)
-        page = browser.new_page(viewport={"width": 1200, "height": 800})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(server.url + "/")
-        expect(page.locator("#model-name")).to_have_text(NAME)
-        yield page
+        yield browser
         browser.close()
-        assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    expect(page.locator("#model-name")).to_have_text(NAME)
+    yield page
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def test_stream_then_stop_shows_speed_and_cancels_on_the_server(server, page, tmp_path):
@@ -127,6 +132,19 @@ def test_chat_mode_and_a_refusal_shown_as_the_servers_message(page):
     assert "400" in page.inner_text("#error") and "context" in page.inner_text("#error")
     assert len(page.locator(".msg.user").all()) == 1
     assert page.input_value("#prompt") == "And now a long answer"  # given back to edit
+
+
+def test_readable_on_a_phone(server, browser):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.goto(server.url + "/")
+    expect(page.locator("#model-name")).to_have_text(NAME)
+    # one column, nothing wider than the screen, the controls within reach
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    for selector in ("#prompt", "#send", "#stop", "#max_tokens", "#temperature"):
+        box = page.locator(selector).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, selector
+    context.close()
 
 
 # --- docs/playground.png --------------------------------------------------------------------------------------
