@@ -95,6 +95,7 @@ def export(model_path: str | Path, out_dir: str | Path, *, overwrite: bool = Fal
 def write_folder(model, tokenizer, ckpt: dict, folder: Path) -> None:
     """Everything ``export`` writes, into the existing folder ``folder``."""
     from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
 
     from hilt.hf import HiltConfig, HiltForCausalLM
 
@@ -115,7 +116,13 @@ def write_folder(model, tokenizer, ckpt: dict, folder: Path) -> None:
     hf_model = HiltForCausalLM(hf_config)
     hf_model.model.load_state_dict(model.state_dict())
     hf_model.generation_config = GenerationConfig(**specials, modulation_scale=config.modulation_scale_end)
-    hf_model.save_pretrained(folder)  # config.json, model.safetensors, generation_config.json
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-shard "Writing model shards" bar tells an export's user nothing
+    try:
+        hf_model.save_pretrained(folder)  # config.json, model.safetensors, generation_config.json
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
     for name in MODEL_FILES:
         shutil.copyfile(PACKAGE / name, folder / name)
