@@ -9,7 +9,8 @@ parameters): speed does not depend on what the weights learned, and no training 
 
 The workload, fixed by --seed: prompts cut from data.txt with 8-300 tokens, each asking for 16, 64 or 128 new tokens
 with <EOS> ignored (the `ignore_eos` extension), greedy unless --temperature, streamed with usage. At concurrency c,
-c clients each send their requests one after another, --requests_per_client each (at least 16 requests per level).
+c clients each send their requests one after another, --requests_per_client each (at least --min_requests per
+level).
 
 Checked, not just timed: every request answers 200, its stream ends with `data: [DONE]`, its usage says exactly the
 max_tokens asked for, and its prompt_tokens match /tokenize. Reported per level: generated tokens/s (all tokens over
@@ -347,7 +348,7 @@ async def main_async(args) -> int:
         try:
             await wait_ready(server.port)
             levels_wanted = [int(c) for c in args.concurrency.split(",")]
-            n_total = sum(max(16, c * args.requests_per_client) for c in levels_wanted)
+            n_total = sum(max(args.min_requests, c * args.requests_per_client) for c in levels_wanted)
             requests = make_requests(n_total, text, args.seed, args.temperature)
             prompt_tokens = {}
             for body in requests:
@@ -359,7 +360,7 @@ async def main_async(args) -> int:
             baseline = server.rss() / 2**20
             levels, used = [], 0
             for c in levels_wanted:
-                n = max(16, c * args.requests_per_client)
+                n = max(args.min_requests, c * args.requests_per_client)
                 level = await run_level(server, requests[used : used + n], c, prompt_tokens)
                 used += n
                 levels.append(level)
@@ -397,6 +398,9 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8,32,64", help="client counts (default 1,8,32,64)")
     parser.add_argument(
         "--requests_per_client", type=int, default=2, help="requests each client sends per level (default 2)"
+    )
+    parser.add_argument(
+        "--min_requests", type=int, default=16, help="requests per level at the least (default 16)"
     )
     parser.add_argument("--max_batch", type=int, default=32, help="the server's --max_batch (default 32)")
     parser.add_argument("--max_queue", type=int, default=64, help="the server's --max_queue (default 64)")
