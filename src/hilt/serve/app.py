@@ -179,7 +179,7 @@ def create_app(settings: AppSettings, load: Callable[[], Loaded], on_load_error=
             allow_headers=["Authorization", "Content-Type"],
         )
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:  # async: no thread-pool hop per request
         key = settings.api_key
         if key is None:
             return
