@@ -50,7 +50,7 @@ class _ValueOnly(nn.Module):
         super().__init__()
         self.qkv, self.proj = attn.qkv, attn.proj
 
-    def forward(self, x: torch.Tensor, cache=None, layer_idx: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, layer_idx: int = 0, attn_mask=None) -> torch.Tensor:
         B, T, C = x.shape
         return self.proj(self.qkv(x).view(B, T, 3, C)[:, :, 2])
 

@@ -314,3 +314,10 @@ def test_history_kind_in_generations_bf16_copy_computes_what_autocast_computes(k
         expected = model.features(idx)
     with torch.no_grad():
         assert torch.equal(lowered_copy(model, torch.bfloat16).features(idx), expected)
+
+
+def test_a_narrow_design_model_still_builds_its_rank_only_bounds_the_depth_kinds():
+    """Checkpoints of models narrower than the default ilt_rank were written before ilt_rank existed."""
+    assert ModelConfig(vocab_size=97, d_model=16, n_heads=2, ilt_dim=8).ilt_kind == "design"
+    with pytest.raises(ValueError, match="ilt_rank"):
+        ModelConfig(vocab_size=97, d_model=16, n_heads=2, ilt_kind="depth")

@@ -98,7 +98,7 @@ class ModelConfig:
             )
         if not isinstance(self.ilt_rank, int) or isinstance(self.ilt_rank, bool) or self.ilt_rank < 1:
             raise ValueError(f"ModelConfig.ilt_rank must be a positive integer, got {self.ilt_rank!r}")
-        if self.ilt_rank > self.d_model:
+        if self.ilt_kind.startswith("depth") and self.ilt_rank > self.d_model:  # the other kinds have no rank
             raise ValueError(
                 f"ModelConfig.ilt_rank ({self.ilt_rank}) must be at most d_model ({self.d_model})"
             )
