@@ -124,6 +124,11 @@ DEFAULTS = dict(
     n_heads=4,
     ilt_dim=64,
 )
+# flags that do not change what a run computes: a finished run is reused whatever they were
+NOT_RUN_SETTINGS = (
+    *("workers", "out_dir", "work_dir", "resume", "fresh", "arms", "seeds"),
+    *("step_times", "amp", "threads", "vocab_size"),
+)
 REFERENCES = ("plain", "x0")  # arms every other arm's loss is compared with, paired by seed
 
 
@@ -627,15 +632,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     # every finished run is appended to the runs file at once; --resume reuses those made with the same settings
     done_file = out / f"{stem}_runs.jsonl"
-    settings = {
-        k: v
-        for k, v in vars(args).items()
-        if k not in ("workers", "out_dir", "work_dir", "resume", "fresh", "arms", "seeds")
-    }
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_RUN_SETTINGS}
     results = []
     if args.resume and done_file.exists():
         results = [
-            r for r in map(json.loads, done_file.read_text().splitlines()) if r["settings"] == settings
+            r
+            for r in map(json.loads, done_file.read_text().splitlines())
+            if {k: v for k, v in r["settings"].items() if k not in NOT_RUN_SETTINGS} == settings
         ]
         print(f"--resume: {len(results)} runs already done")
     elif done_file.exists() and done_file.stat().st_size and not args.fresh:
