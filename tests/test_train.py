@@ -339,3 +339,20 @@ def test_compile_trains_to_the_same_loss_as_eager(tmp_path):
     eager, compiled = (load_checkpoint(tmp_path / d / "last_model.pt") for d in ("eager", "compiled"))
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-3)
     assert not any("_orig_mod" in k for k in compiled["model_state_dict"])  # plain names: loads anywhere
+
+
+def test_a_cpu_capped_to_avx2_counts_as_without_native_bf16(monkeypatch):
+    """ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA make torch run as on an AVX2 CPU, where bf16 is emulated: train in
+    fp32 there, as on a real one."""
+    from hilt import device
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert device.autocast_dtype(torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert device.autocast_dtype(torch.device("cpu")) is None
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert device.autocast_dtype(torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert device.autocast_dtype(torch.device("cpu")) is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hilt.errors import UserError
@@ -19,11 +21,31 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16
+_ONEDNN_ISAS_WITHOUT_BF16 = {
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+}
+
+
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls run several times faster than fp32 (measured ~4x on such CPUs)."""
+    """AVX-512 BF16 or AMX: bf16 matmuls run several times faster than fp32 (measured ~4x on such CPUs). The CPU
+    must have them and torch must be allowed to use them: ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``
+    makes torch and oneDNN run as on an AVX2-only CPU, where bf16 is emulated (a 512 x 512 bf16 matmul 7x slower
+    than fp32 here), so the CPU then counts as without it."""
     cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+    has = any(getattr(cpu, name, lambda: False)() for name in checks)
+    capped = (
+        torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2")
+        or os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_ISAS_WITHOUT_BF16
+    )
+    return has and not capped
 
 
 def autocast_dtype(device: torch.device, use_amp: bool = True) -> torch.dtype | None:
