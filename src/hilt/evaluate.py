@@ -70,17 +70,23 @@ class HeadLoss:
     tensor per batch costs a page fault per 4 KB."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, chunk_elements: int = CHUNK_ELEMENTS):
-        vocab = weight.size(0)
         self.weight = weight.detach().to(dtype)  # (V, C)
-        self.chunk = max(1, chunk_elements // vocab)
-        self.logits = torch.empty(self.chunk, vocab, dtype=dtype, device=weight.device)
-        # the log-softmax runs in place on fp32 logits: a second buffer when the matmul gives bf16/fp16
-        self.fp32 = (
-            self.logits if dtype == torch.float32 else torch.empty_like(self.logits, dtype=torch.float32)
+        self.chunk = max(1, chunk_elements // weight.size(0))
+        self.logits = self.fp32 = torch.empty(0, weight.size(0), dtype=dtype, device=weight.device)
+
+    def _grow(self, rows: int) -> None:
+        # as many rows as a call needs, up to a chunk (a tiny vocabulary would otherwise get 2**25-element buffers)
+        self.logits = torch.empty(
+            rows, self.weight.size(0), dtype=self.weight.dtype, device=self.weight.device
         )
+        # the log-softmax runs in place on fp32 logits: a second buffer when the matmul gives bf16/fp16
+        same = self.weight.dtype == torch.float32
+        self.fp32 = self.logits if same else torch.empty_like(self.logits, dtype=torch.float32)
 
     def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """hidden (N, C), targets (N,) -> sum over the N tokens of -log softmax(logits)[target], float64."""
+        if self.logits.size(0) < min(self.chunk, hidden.size(0)):
+            self._grow(min(self.chunk, hidden.size(0)))
         h = hidden.to(self.weight.dtype)
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for start in range(0, h.size(0), self.chunk):
