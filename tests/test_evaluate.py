@@ -56,9 +56,8 @@ def test_stride_one_equals_scoring_each_token_with_its_full_window():
     assert got.perplexity == pytest.approx(math.exp(got.loss))
 
 
-@pytest.mark.parametrize(
-    "chunk_elements", [97 * 4, 97 * 7, 2**22]
-)  # chunks of 4 / 7 tokens (last short), one
+# chunks of 4 and 7 tokens (the last one short), and a single chunk
+@pytest.mark.parametrize("chunk_elements", [97 * 4, 97 * 7, 2**22])
 def test_head_loss_equals_the_summed_cross_entropy_of_full_logits(chunk_elements):
     hidden, weight = torch.randn(23, 16), torch.randn(97, 16)
     targets = torch.randint(0, 97, (23,))
