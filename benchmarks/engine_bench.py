@@ -29,6 +29,7 @@ operators one decoding step runs, with and without ILTs.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import resource
 import statistics
@@ -240,6 +241,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no_hf", action="store_true", help="skip the Hugging Face rows")
+    p.add_argument(
+        "--batch1_only",
+        action="store_true",
+        help="only the batch-1 table and the operator count (e.g. under ATEN_CPU_CAPABILITY=avx2 "
+        "ONEDNN_MAX_CPU_ISA=AVX2, which caps torch and oneDNN at AVX2 as on a CPU without native bf16)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -258,6 +265,9 @@ def main() -> None:
         f"model: d_model {c.d_model}, {c.n_layers} layers, n_layers_ilt {c.n_layers_ilt}, "
         f"{model.num_parameters() / 1e6:.1f}M parameters, {label} matmuls | CPU: {cpu}, "
         f"native bf16: {bf16 is not None}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        + "".join(
+            f", {k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ
+        )
     )
     requests = workload(args.requests, args.seed)
     first16 = requests[:16]
@@ -267,6 +277,9 @@ def main() -> None:
         f"{max(n for _, n in requests)}; the first 16: {sum(n for _, n in first16)} new tokens"
     )
 
+    if args.batch1_only:
+        print_batch_one(args, model, plain, bf16)
+        return
     engine = Engine(model, max_slots=max(64, args.requests), compute_dtype=bf16).start()
     run_concurrent(engine, [(q, 16) for q, _ in requests[:8]], 8)  # warm-up
     rows = []
@@ -320,6 +333,10 @@ def main() -> None:
             if "GPT2" in name:
                 break
 
+    print_batch_one(args, model, plain, bf16)
+
+
+def print_batch_one(args, model, plain, bf16) -> None:
     print("\nbatch 1, 8-token prompt, greedy, median of the rounds:")
     print("| contestant | tokens/s |")
     print("| --- | --- |")

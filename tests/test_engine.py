@@ -94,6 +94,19 @@ def test_greedy_rows_equal_generate_alone_whatever_else_is_in_the_batch(dtype):
     assert stats["running"] == stats["waiting"] == 0 and stats["finished"]["cancelled"] == 1
 
 
+@pytest.mark.parametrize("kind", ["depth", "depth_multiway", "x0"])
+def test_every_ilt_kind_decodes_in_batches_as_alone(kind):
+    model = tiny_model(ilt_kind=kind, ilt_window=2)
+    with torch.no_grad():  # these kinds start as the plain model (zero-initialised): give them a say
+        for p in model.ilts.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (2, 20, 9)]
+    with Engine(model, max_slots=2, compute_dtype=torch.bfloat16) as engine:
+        results = engine.generate([(p, SamplingParams(max_new_tokens=40, temperature=0)) for p in prompts])
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.token_ids == alone(model, prompt, 40, torch.bfloat16, temperature=0)
+
+
 def test_seeded_sampling_is_independent_of_the_batch():
     model = tiny_model()
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (4, 25, 9)]
