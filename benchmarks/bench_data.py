@@ -77,6 +77,36 @@ def write_copies(path: Path, source: Path, megabytes: float) -> int:
     return path.stat().st_size
 
 
+def stage_seconds(path: Path, tok: Tokenizer) -> dict[str, float]:
+    """CPU seconds of each stage of `hilt prepare`, each run alone on one thread over the whole file."""
+    import hashlib
+
+    from hilt.corpus import Corpus, decode_counting
+
+    def cpu(fn):
+        start = time.process_time()
+        result = fn()
+        return time.process_time() - start, result
+
+    seconds = {}
+    seconds["read"], data = cpu(path.read_bytes)
+    seconds["SHA-256"], _ = cpu(lambda: hashlib.sha256(data).hexdigest())
+    seconds["UTF-8 decoding"], _ = cpu(lambda: decode_counting(data))
+    seconds["Corpus.pieces (read + hash + decode + cut)"], pieces = cpu(
+        lambda: [p.text for p in Corpus(path).pieces()]
+    )
+    seconds["special-token check"], _ = cpu(
+        lambda: any(s in p for p in pieces for s in ("<PAD>", "<BOS>", "<EOS>"))
+    )
+    encode = piece_encoder(tok)[0]
+    seconds["tiktoken"], ids = cpu(lambda: [encode([p])[0] for p in pieces])
+    with tempfile.TemporaryFile() as f:
+        seconds["converting and writing the ids"], _ = cpu(
+            lambda: [f.write(a.astype(np.uint16)) for a in ids]
+        )
+    return seconds
+
+
 def run_prepare(args: list[str]) -> tuple[float, float, float, str]:
     """Runs `hilt prepare` in a fresh process: (wall seconds, CPU seconds, peak RSS in MB, stdout)."""
     start = time.perf_counter()
@@ -111,6 +141,11 @@ def main() -> None:
         default=None,
         metavar="FILE",
         help="the corpus is copies of FILE up to --mb MB, one document (default: synthetic stories)",
+    )
+    ap.add_argument(
+        "--stages",
+        action="store_true",
+        help="also time each stage of prepare alone, one thread, in CPU seconds",
     )
     args = ap.parse_args()
 
@@ -157,6 +192,7 @@ def main() -> None:
             expected = tok.encode(sample[: last.end()])
         assert cache.tokens[: len(expected)].tolist() == expected, "cache differs from a one-shot encode"
 
+        stages = stage_seconds(src, tok) if args.stages else {}
         encode = piece_encoder(tok)[0]
         tiktoken_rate = encoder_rate(lambda text: encode([text]), sample)
         hf_rate = encoder_rate(tok.encode, sample[:2_000_000])
@@ -206,6 +242,12 @@ def main() -> None:
         f"importing torch; open_cache itself {hit_ms:.1f} ms; peak RSS {warm_rss:,.0f} MB"
     )
     print(f"bare encoders, one thread: tiktoken {tiktoken_rate:.1f} MB/s, tokenizers {hf_rate:.1f} MB/s")
+    if stages:
+        print(
+            "each stage alone, one thread, CPU seconds: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+        )
+        figures["stage_cpu_s"] = stages
     print(
         f"load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} cores"
     )
