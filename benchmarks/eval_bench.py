@@ -1,6 +1,7 @@
 """Evaluation against training on one model and batch, side by side in one process: `hilt eval`'s scoring
-(``evaluate_tokens``), training's validation (``Trainer.evaluate``) and training steps (``Trainer.train_step``, inside
-``hilt.memory.freed_memory_kept`` as ``Trainer.fit`` runs them).
+(``evaluate_tokens``), training's validation (``Trainer.evaluate``), training steps (``Trainer.train_step``, inside
+``hilt.memory.freed_memory_kept`` as ``Trainer.fit`` runs them) and, for comparison, what `hilt eval` did before:
+the model's full (B, T, V) logits and an fp32 cross-entropy.
 
     .venv/bin/python benchmarks/eval_bench.py                                  # the 128-wide demo model, fp32
     .venv/bin/python benchmarks/eval_bench.py --d_model 64 --n_layers 2        # a 64-wide 2-layer model
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import VOCAB, cpu_kind  # noqa: E402
@@ -102,10 +104,21 @@ def main() -> None:
         )
         assert r.tokens == phase_tokens, (r.tokens, phase_tokens)
 
+    @torch.no_grad()
+    def full_logits() -> None:
+        # what hilt eval did before HeadLoss: the model's (B, T, V) logits, then an fp32 cross-entropy per token
+        model.eval()
+        for x, y in val_data.eval_batches():
+            with torch.autocast("cpu", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                logits = model(x)  # (B, T, V)
+            F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").double().sum()
+        model.train()
+
     phases = {
         "training step (fwd+bwd+AdamW)": train,
         "hilt eval (evaluate_tokens)": hilt_eval,
         "training's validation (Trainer.evaluate)": trainer.evaluate,
+        "full logits + cross_entropy (hilt eval before HeadLoss)": full_logits,
     }
     meters = {name: Meter() for name in phases}
     for r in range(args.rounds + 1):
