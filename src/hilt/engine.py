@@ -545,7 +545,8 @@ class Engine:
         for row in rows:
             if row.ready and row.window_start(self.max_seq_len) != row.start:
                 row.ready = False  # the window slid: re-read it from scratch, this row only
-        self._pack()
+        if not all(r.ready for r in rows) or rows[-1].slot != len(rows) - 1:
+            self._pack()  # someone left, joins or slid (otherwise the rows are packed already)
         waiting = [r for r in rows if not r.ready]
         decoding = [r for r in self._rows if r.ready]
         # prefill first: a newly arrived request gets its first token without waiting for a decoding call
@@ -560,8 +561,7 @@ class Engine:
             self._prefill(group)
         if decoding:
             self._decode(decoding)
-        with self._lock:
-            self._counters.steps += 1
+        self._counters.steps += 1
 
     def _pack(self) -> None:
         """Slots 0..d-1 for the d rows whose cache continues, in slot order; the rows to prefill after them (their
@@ -613,10 +613,9 @@ class Engine:
             logits = self._head(hidden[torch.arange(len(group), device=self.device), last])
         for row, start in zip(group, starts, strict=True):
             row.start, row.ready = start, True
-        with self._lock:
-            self._counters.prefill_calls += 1
-            self._counters.prefill_tokens += sum(len(w) for w in windows)
-            self._counters.padded_prefill_tokens += ids.numel()
+        self._counters.prefill_calls += 1
+        self._counters.prefill_tokens += sum(len(w) for w in windows)
+        self._counters.padded_prefill_tokens += ids.numel()
         self._sample_and_emit(group, logits)
 
     def _decode(self, rows: list[_Row]) -> None:
@@ -635,9 +634,8 @@ class Engine:
                     attn_mask=self.cache.padding_mask(),
                 )
             logits = self._head(hidden[:, -1])
-        with self._lock:
-            self._counters.decode_calls += 1
-            self._counters.decode_rows += d
+        self._counters.decode_calls += 1
+        self._counters.decode_rows += d
         self._sample_and_emit(rows, logits)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -704,10 +702,10 @@ class Engine:
         else:
             row.held = ""
         row.request._push(Output(token, text, logprob, top, finish))
-        with self._lock:
-            self._counters.generated_tokens += 1
-            if finish is not None:
-                self._counters.finished[finish] += 1
+        # the counters are written by this thread only; stats() may read them a step behind
+        self._counters.generated_tokens += 1
+        if finish is not None:
+            self._counters.finished[finish] += 1
 
 
 def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:

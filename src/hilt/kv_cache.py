@@ -153,18 +153,18 @@ class SlotCache:
                 self.v[layer_idx, self._index, :, :T] = v
             return k, v  # the padded rows' keys beyond their length are hidden by the causal mask
         first = slots[0]
-        keys, values = (
-            self.k[layer_idx, first : first + len(slots)],
-            self.v[layer_idx, first : first + len(slots)],
-        )
-        if len(slots) == 1:
+        if len(slots) == 1:  # as few indexing calls as KVCache: this is every batch-1 decoding step
             start = self.lengths[first]
             end = start + T
             if end > self.max_len:
                 raise ValueError(f"SlotCache full: {end} positions > max_len {self.max_len}")
-            keys[:, :, start:end] = k
-            values[:, :, start:end] = v
-            return keys[:, :, :end], values[:, :, :end]
+            self.k[layer_idx, first : first + 1, :, start:end] = k
+            self.v[layer_idx, first : first + 1, :, start:end] = v
+            return self.k[layer_idx, first : first + 1, :, :end], self.v[
+                layer_idx, first : first + 1, :, :end
+            ]
+        keys = self.k[layer_idx, first : first + len(slots)]
+        values = self.v[layer_idx, first : first + len(slots)]
         end = int(self._pos.max()) + 1
         if end > self.max_len:
             raise ValueError(f"SlotCache full: {end} positions > max_len {self.max_len}")
