@@ -303,10 +303,11 @@ _RSS_LAUNCHER = (
 )
 
 
-def peak_rss_of_default_training() -> float:
+def peak_rss_of_default_training(native: bool = True) -> float:
     """Peak RSS (GB) of train.py at its defaults (batch 32 x 128, d_model 256, 6 layers, ILTs on) for 5 steps."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = train_py(out, "--epoch_tokens", str(5 * 32 * 128))
+        # without native bf16, fp32 as train.py picks there (its own check reads the hardware, not our flags)
+        cmd = train_py(out, "--epoch_tokens", str(5 * 32 * 128), *([] if native else ["--no_amp"]))
         proc = subprocess.run([sys.executable, "-c", _RSS_LAUNCHER, *cmd], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed with status {proc.returncode}")
@@ -426,7 +427,7 @@ def main() -> None:
     print(f"\nGeneration: HILT {gen[0]['tok_s'] / hf_gen32:.2f}x the tokens/s of HF generate (fp32)")
 
     print(
-        f"\nPeak RSS of a default train.py run (batch 32 x 128, 5 steps): {peak_rss_of_default_training():.2f} GB"
+        f"\nPeak RSS of a default train.py run (batch 32 x 128, 5 steps): {peak_rss_of_default_training(native):.2f} GB"
     )
     if args.quality_steps and not native:
         print(
