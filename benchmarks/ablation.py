@@ -281,9 +281,14 @@ def run_one(task: dict) -> dict:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (NaN if any value is)."""
+    """Mean and sample standard deviation (NaN if any value is, and for a single value: no spread is known)."""
     a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else math.nan
+
+
+def pm(mean: float, sd: float) -> str:
+    """``mean ± sd``, or the mean alone when there is no sd (one seed)."""
+    return f"{mean:.4f}" if math.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
 
 
 def loss_at(curve: list[dict], key: str, x: float) -> float:
@@ -341,7 +346,9 @@ def delta_cell(row: dict, ref: str) -> str:
     """Paired Δ as mean ± sd (n seeds); — for the reference itself or when the reference has not run."""
     if row["arm"] == ref or not row.get(f"delta_vs_{ref}_seeds"):
         return "—"
-    return f"{row[f'delta_vs_{ref}']:+.4f} ± {row[f'delta_vs_{ref}_sd']:.4f} ({row[f'delta_vs_{ref}_seeds']})"
+    sd = row[f"delta_vs_{ref}_sd"]
+    mean = f"{row[f'delta_vs_{ref}']:+.4f}" + ("" if math.isnan(sd) else f" ± {sd:.4f}")
+    return f"{mean} ({row[f'delta_vs_{ref}_seeds']})"
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -355,11 +362,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         lines.append(
             f"| {r['arm']} | {r['what']} | {r['params'] / 1e6:.3f}M ({r['params_non_embedding'] / 1e6:.3f}M) "
-            f"| {r['train_flops_per_token'] / 1e6:.2f}M | {r['steps']} | {r['seeds']} | {r['val_loss']:.4f} ± "
-            f"{r['val_loss_sd']:.4f} | "
+            f"| {r['train_flops_per_token'] / 1e6:.2f}M | {r['steps']} | {r['seeds']} | "
+            f"{pm(r['val_loss'], r['val_loss_sd'])} | "
             + " | ".join(delta_cell(r, ref) for ref in refs)
-            + f" | {r['train_seconds']:.0f} | {r['val_loss_at_equal_seconds']:.4f} ± "
-            f"{r['val_loss_at_equal_seconds_sd']:.4f} | {r['tokens_per_second']:,.0f} |"
+            + f" | {r['train_seconds']:.0f} | {pm(r['val_loss_at_equal_seconds'], r['val_loss_at_equal_seconds_sd'])} "
+            f"| {r['tokens_per_second']:,.0f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import sys
 
 import numpy as np
@@ -108,7 +109,9 @@ def test_a_budget_longer_than_the_validations_allow_fails_loudly(tmp_path):
     assert ablation.too_few_evals(3296, 16, 405) is None
     assert "use --evals 9 or more" in ablation.too_few_evals(3296, 4, 405)
     rng = np.random.default_rng(0)
-    np.save(tmp_path / "train.npy", rng.integers(0, 97, 2000).astype(np.uint16))  # 124 windows: 31 batches of 4
+    np.save(
+        tmp_path / "train.npy", rng.integers(0, 97, 2000).astype(np.uint16)
+    )  # 124 windows: 31 batches of 4
     np.save(tmp_path / "val.npy", rng.integers(0, 97, 300).astype(np.uint16))
     config = ablation.model_config(TINY, {"n_layers_ilt": 0})
     task = {"arm": "plain", "overrides": {"n_layers_ilt": 0}, "seed": 0, "steps": 80, "cost": ablation.cost(config, 16),
@@ -120,3 +123,13 @@ def test_a_budget_longer_than_the_validations_allow_fails_loudly(tmp_path):
             ablation.run_one(task)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_one_seed_shows_no_spread_rather_than_a_zero_one():
+    arms = [ablation.Arm("plain", "", {"n_layers_ilt": 0}), ablation.Arm("depth", "", {"ilt_kind": "depth"})]
+    results = [_run("plain", 0, 3.5, 10.0), _run("depth", 0, 3.45, 10.0)]
+    cost = {"params": 2, "params_non_embedding": 1, "train_flops_per_token": 3}
+    plain, depth = ablation.summarise(results, arms, {"plain": cost, "depth": cost})
+    assert math.isnan(depth["delta_vs_plain_sd"]) and depth["delta_vs_plain"] == pytest.approx(-0.05)
+    row = ablation.markdown([plain, depth], {}).splitlines()[-1]
+    assert "| 3.4500 |" in row and "| -0.0500 (1) |" in row and "±" not in row
