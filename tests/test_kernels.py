@@ -159,3 +159,15 @@ def test_mixed_dtype_linear_computes_what_autocast_computes():
     lowered = kernels.MixedDtypeLinear(32, 48)
     lowered.weight.data, lowered.bias.data = reference.weight.data.bfloat16(), reference.bias.data.bfloat16()
     assert torch.equal(lowered(x), expected)
+
+
+def test_a_mask_first_made_while_generating_serves_a_later_training_step():
+    kernels._cached_future_mask.cache_clear()
+    model = HierarchicalTransformer(
+        tiny_config(ilt_window=3)
+    )  # windows of 3: the explicit kernel and its mask
+    idx = torch.randint(0, 97, (2, 8))
+    with torch.inference_mode():
+        model(idx)
+    model(idx).sum().backward()  # raised "Inference tensors cannot be saved for backward" before
+    assert model.ilts[0].proj_in.weight.grad is not None

@@ -128,8 +128,10 @@ def _future_mask(T: int, device: torch.device) -> torch.Tensor:
 
 @functools.cache
 def _cached_future_mask(T: int, device: torch.device) -> torch.Tensor:
-    # eager decoding asks for the same tiny mask for every ILT layer at every token
-    return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
+    # eager decoding asks for the same tiny mask for every ILT layer at every token. Made outside inference mode
+    # whoever asks first: an inference tensor cannot be saved for a later training step's backward.
+    with torch.inference_mode(False):
+        return torch.ones(T, T, dtype=torch.bool, device=device).triu(diagonal=1)
 
 
 # --- mixed-dtype linear --------------------------------------------------------------------------------------
