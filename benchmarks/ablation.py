@@ -569,8 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.val_tokens:
         val_tokens = val_tokens[: args.val_tokens]
-    np.save(work / "train.npy", np.asarray(train_tokens))
-    np.save(work / "val.npy", np.asarray(val_tokens))
+    for name, tokens in (("train", train_tokens), ("val", val_tokens)):
+        # written aside and renamed: another invocation on this work_dir may be reading the current file
+        np.save(work / f"{name}.tmp.npy", np.asarray(tokens))
+        os.replace(work / f"{name}.tmp.npy", work / f"{name}.npy")
 
     # arms and their cost
     base = dict(
