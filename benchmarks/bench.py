@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hilt.decoding import onednn_disabled
 from hilt.device import cpu_has_native_bf16
 from hilt.flops import training_flops_per_token
-from hilt.generate import generate, onednn_disabled
+from hilt.generate import generate
 from hilt.loss import LanguageModelLoss
 from hilt.memory import freed_memory_kept
 from hilt.model import HierarchicalTransformer, ModelConfig

@@ -29,7 +29,7 @@ from hilt.tokenizer import GPT2_VOCAB_SIZE  # noqa: E402
 
 def time_generation(model, ids, new_tokens, use_cache, runs, bf16):
     times, out = [], None
-    # bf16 as `hilt generate` runs it: the kept bf16 copy of the matrices (hilt.generate.decoding_weights)
+    # bf16 as `hilt generate` runs it: the kept bf16 copy of the matrices (hilt.decoding.decoding_weights)
     dtype = torch.bfloat16 if bf16 else None
     for _ in range(runs):
         start = time.perf_counter()

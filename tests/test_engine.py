@@ -305,7 +305,7 @@ def test_prompts_file_rows_come_in_input_order_with_their_own_settings(checkpoin
 
 
 def test_resume_after_an_interruption_gives_the_uninterrupted_file(checkpoint, tmp_path, capsys, monkeypatch):
-    import hilt.generate as generate_module
+    import hilt.prompts_file as prompts_file_module
 
     prompts = prompts_jsonl(tmp_path, RECORDS * 2)
     flags = [
@@ -323,7 +323,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_file(checkpoint, t
     whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
     assert run(capsys, *flags, "--out", str(whole))[0] == 0
 
-    real, written = generate_module.append_row, []
+    real, written = prompts_file_module.append_row, []
 
     def interrupted(f, row):
         if len(written) == 4:
@@ -331,7 +331,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_file(checkpoint, t
         written.append(row["index"])
         real(f, row)
 
-    monkeypatch.setattr(generate_module, "append_row", interrupted)
+    monkeypatch.setattr(prompts_file_module, "append_row", interrupted)
     code, _, err = run(capsys, *flags, "--out", str(part))
     assert code == 130 and "4 of 10 rows" in err and "--resume" in err
     assert len(part.read_text().splitlines()) == 4

@@ -162,7 +162,7 @@ def test_bf16_decoding_computes_what_trainings_autocast_computes_and_the_cache_c
 
 
 def test_lowered_copy_matches_autocast_exactly_and_leaves_the_model_alone():
-    from hilt.generate import lowered_copy
+    from hilt.decoding import lowered_copy
 
     model = tiny_model().train()
     before = {name: (p.dtype, p.data_ptr(), p.clone()) for name, p in model.named_parameters()}
@@ -186,7 +186,7 @@ def test_lowered_copy_matches_autocast_exactly_and_leaves_the_model_alone():
 
 
 def test_the_decoding_copy_is_built_once_and_rebuilt_when_the_weights_change():
-    from hilt.generate import decoding_weights, forget_decoding_weights
+    from hilt.decoding import decoding_weights, forget_decoding_weights
 
     model = tiny_model()
     lowered, head = decoding_weights(model, torch.bfloat16)
@@ -225,17 +225,17 @@ def test_the_decoding_copy_is_built_once_and_rebuilt_when_the_weights_change():
 
 
 def lowered_copy_of(model):
-    from hilt.generate import lowered_copy
+    from hilt.decoding import lowered_copy
 
     return lowered_copy(model, torch.bfloat16)
 
 
 def test_generate_calls_reuse_the_decoding_copy(monkeypatch):
-    from hilt import generate as generate_module
+    from hilt import decoding as decoding_module
 
     built = []
-    real = generate_module.lowered_copy
-    monkeypatch.setattr(generate_module, "lowered_copy", lambda m, d: built.append(d) or real(m, d))
+    real = decoding_module.lowered_copy
+    monkeypatch.setattr(decoding_module, "lowered_copy", lambda m, d: built.append(d) or real(m, d))
     model = tiny_model()
     ids = torch.randint(0, 97, (1, 4))
     first = greedy(model, ids, 5, compute_dtype=torch.bfloat16)
@@ -244,10 +244,10 @@ def test_generate_calls_reuse_the_decoding_copy(monkeypatch):
 
 
 def test_single_row_steps_run_without_onednn_and_the_setting_comes_back(monkeypatch):
-    from hilt import generate as generate_module
+    from hilt import decoding as decoding_module
 
     seen = []  # (rows, oneDNN on?) of every model call
-    real = generate_module.lowered_copy
+    real = decoding_module.lowered_copy
 
     def spying_copy(model, dtype):
         lowered = real(model, dtype)
@@ -259,7 +259,7 @@ def test_single_row_steps_run_without_onednn_and_the_setting_comes_back(monkeypa
         )
         return lowered
 
-    monkeypatch.setattr(generate_module, "lowered_copy", spying_copy)
+    monkeypatch.setattr(decoding_module, "lowered_copy", spying_copy)
     before = torch.backends.mkldnn.enabled
     steps = stream_tokens(
         tiny_model(), torch.randint(0, 97, (1, 5)), 4, temperature=0, compute_dtype=torch.bfloat16

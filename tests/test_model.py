@@ -306,7 +306,7 @@ def test_multiway_feeds_the_next_attention_its_own_stream():
 def test_history_kind_in_generations_bf16_copy_computes_what_autocast_computes(kind):
     """hilt.generate keeps bf16 matrices under an fp32 residual stream; the history modules must neither fail on
     the mixed dtypes nor compute anything autocast would not."""
-    from hilt.generate import lowered_copy
+    from hilt.decoding import lowered_copy
 
     model = history_model(kind)
     idx = torch.randint(0, 97, (2, 7))

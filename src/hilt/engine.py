@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from hilt.generate import TextStreamer, context_start, decoding_weights, sample_next_token, without_onednn
+from hilt.decoding import decoding_weights, without_onednn
+from hilt.generate import TextStreamer, context_start, sample_next_token
 from hilt.kv_cache import SlotCache
 from hilt.model import HierarchicalTransformer
 

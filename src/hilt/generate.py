@@ -11,23 +11,16 @@ same window of tokens (``context_start``), so cached and uncached decoding produ
 
 from __future__ import annotations
 
-import copy
 import sys
-import threading
-import time
-import weakref
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TextIO
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from hilt.decoding import decoding_weights, without_onednn
 from hilt.errors import UserError
-from hilt.kernels import MixedDtypeLinear
 from hilt.kv_cache import KVCache
 from hilt.model import HierarchicalTransformer
 
@@ -105,129 +98,6 @@ def context_start(length: int, max_seq_len: int) -> int:
         return 0
     stride = max(1, max_seq_len // 4)
     return -(-(length - max_seq_len) // stride) * stride  # the smallest multiple of stride that fits
-
-
-def lowered_copy(model: HierarchicalTransformer, dtype: torch.dtype) -> HierarchicalTransformer:
-    """An eval-mode copy of ``model`` whose main and ILT layers hold their matrices in ``dtype`` (e.g. bf16): what
-    training's autocast computes (``hilt.kernels.MixedDtypeLinear`` casts the fp32 activations), without casting
-    every weight at every token. The embedding, norms and positions stay the model's own tensors, shared, not
-    copied. Building one takes ~31 ms at the default size: ``decoding_weights`` keeps it between calls."""
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    # plain tensors even when called under inference mode: the copy outlives this call in the cache
-    with torch.inference_mode(False), torch.no_grad():
-        lowered = copy.deepcopy(model, memo=shared).eval()
-        for module in (*lowered.layers.modules(), *lowered.ilts.modules()):
-            if isinstance(module, nn.Linear):
-                module.__class__ = MixedDtypeLinear
-                for name, param in list(module.named_parameters(recurse=False)):
-                    setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
-    return lowered
-
-
-# --- the decoding copy, kept between calls -------------------------------------------------------------------
-# A lowered copy (and the head's bf16 weight) stays valid while the model's matrices keep their values. How a
-# stale copy is noticed, without torch's private Tensor._version:
-# - every optimizer step in the process bumps a counter (torch's public hook common to all optimizers): training
-#   steps are how weights change between two samples, and one rebuild (~31 ms) after a step costs nothing next
-#   to the step;
-# - load_state_dict on the model bumps the model's own counter (a post-hook registered with the first copy);
-# - the identity of every copied matrix (object, data_ptr, shape, dtype, device) catches .to(), a reassigned
-#   parameter or a new storage;
-# - a sampled checksum (every n-th element of each copied matrix, ~64 per matrix, summed in fp64) is the backstop
-#   for in-place edits that go through none of the above (a hand-written update under no_grad, a submodule's
-#   own load_state_dict); it costs ~0.5 ms, not the 80 MB read a full checksum would. A change to a few elements
-#   that the sample misses goes unnoticed: call ``forget_decoding_weights(model)`` after such surgery.
-# Comparing data_ptrs alone would miss every one of the usual changes: optimizer steps and load_state_dict
-# write into the same storage.
-_optimizer_steps = 0
-_loads: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
-_decoding_cache: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
-_cache_lock = threading.Lock()
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-def _count_load(module: nn.Module, incompatible_keys) -> None:
-    _loads[module] = _loads.get(module, 0) + 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def _copied_matrices(model: HierarchicalTransformer) -> list[torch.Tensor]:
-    linears = (*model.layers.modules(), *model.ilts.modules())
-    return [m.weight for m in linears if isinstance(m, nn.Linear)] + [model.head.weight]
-
-
-def _fingerprint(model: HierarchicalTransformer) -> tuple:
-    matrices = _copied_matrices(model)
-    identity = tuple((id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device) for w in matrices)
-    with torch.no_grad():
-        sample = torch.stack(
-            [w.detach().reshape(-1)[:: max(1, w.numel() // 64)].sum(dtype=torch.float64) for w in matrices]
-        )
-    return _optimizer_steps, _loads.get(model, 0), identity, tuple(sample.tolist())
-
-
-def decoding_weights(
-    model: HierarchicalTransformer, compute_dtype: torch.dtype | None
-) -> tuple[HierarchicalTransformer, torch.Tensor]:
-    """The module that decodes and the LM head's weight: the model itself and its head for ``compute_dtype``
-    None, else ``lowered_copy`` and a copy of the head in that dtype, built once per model and dtype and rebuilt
-    when the model's weights change (see above)."""
-    if compute_dtype is None:
-        return model, model.head.weight.detach()
-    fingerprint = _fingerprint(model)
-    with _cache_lock:
-        if model not in _decoding_cache:
-            _decoding_cache[model] = {}
-            model.register_load_state_dict_post_hook(_count_load)
-        entry = _decoding_cache[model].get(compute_dtype)
-        if entry is None or entry[0] != fingerprint:
-            # Decoding one token reads every LM-head weight (12.9 M at GPT-2's vocabulary) for a matrix-vector
-            # product: memory-bound, so a bf16 copy halves the bytes (measured 6.4 -> 1.7 ms per token on CPU).
-            with torch.inference_mode(False), torch.no_grad():
-                head = model.head.weight.detach().to(compute_dtype)
-            entry = (fingerprint, lowered_copy(model, compute_dtype), head)
-            _decoding_cache[model][compute_dtype] = entry
-    return entry[1], entry[2]
-
-
-def forget_decoding_weights(model: HierarchicalTransformer) -> None:
-    """Drops the kept decoding copies of ``model`` (after weight surgery the checks above could miss)."""
-    with _cache_lock:
-        _decoding_cache.pop(model, None)
-
-
-@contextmanager
-def onednn_disabled() -> Iterator[None]:
-    """torch's CPU matmuls without oneDNN until exit, when the previous setting comes back.
-
-    Not thread-safe: ``torch.backends.mkldnn.enabled`` is one flag for the whole process, so every thread's
-    matmuls run without oneDNN meanwhile, and two threads entering and leaving in an interleaved order can leave
-    it off. Apply it only on the thread that owns the decoding loop (``hilt.engine.Engine`` has one decode thread
-    and applies it there), never around work another thread may be doing."""
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
-
-
-def without_onednn(device: torch.device, tokens: int) -> AbstractContextManager:
-    """``onednn_disabled`` for a model call of one token in all, else nothing; same thread rules (not thread-safe).
-
-    torch runs CPU bf16 matmuls through oneDNN, which spends ~50 us setting up each matrix-vector product,
-    where torch's own GEMV kernel streams the weights at memory speed (decoding one sequence with bf16 weights,
-    measured: 120 tokens/s with oneDNN, 205 without; the LM head alone 1.25 -> 0.96 ms). From a few rows on oneDNN
-    is faster (4 rows: 35 vs 56 us; 1024 rows: 1.1 vs 14 ms), so only single-row steps go without it. The switch
-    is process-wide: decoding in one thread while another trains in bf16 would slow that training down for the
-    duration of each step."""
-    return onednn_disabled() if device.type == "cpu" and tokens == 1 else nullcontext()
 
 
 class _Context:
@@ -533,6 +403,8 @@ def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str
     from hilt.engine import Engine, SamplingParams
 
     if cfg.prompts_file is not None:
+        from hilt.prompts_file import read_prompts_file, run_prompts_file
+
         records = read_prompts_file(cfg)  # bad input fails before the model loads
     device = resolve_device(cfg.device)
     model, tokenizer = load_for_generation(cfg, device)
@@ -597,178 +469,3 @@ def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str
             print("" if cfg.stream else text, file=out, flush=True)
             texts.append(text)
     return texts
-
-
-# --- batch mode: a file of prompts through the engine --------------------------------------------------------
-
-# what a .jsonl record may carry besides "prompt": an "id" copied to its result, and SamplingParams' fields
-_RECORD_KEYS = (
-    "id",
-    "max_new_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "logprobs",
-    "ignore_eos",
-)
-
-
-@dataclass
-class PromptRecord:
-    index: int  # its place in the file's prompts, from 0: the key of its result
-    line: int  # for messages
-    prompt: str
-    params: dict  # SamplingParams fields the record sets
-    id: object = None
-
-
-def read_prompts_file(cfg: GenerationConfig) -> list[PromptRecord]:
-    """The prompts of ``cfg.prompts_file``: each non-blank line of a text file, or each record of a .jsonl file
-    ({"prompt": ..., optional "id" and sampling fields}). Every record's settings are checked here, so a bad one
-    stops the run before anything is generated, naming its line."""
-    import json
-    from pathlib import Path
-
-    from hilt.engine import SamplingParams
-
-    path = Path(cfg.prompts_file)
-    if not path.is_file():
-        raise UserError(f"--prompts_file {path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"--prompts_file {path} is not UTF-8 text") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        if path.suffix != ".jsonl":
-            records.append(PromptRecord(len(records), number, line, {}))
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not a JSON record ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise UserError(f'{where}: a record needs a "prompt" string')
-        unknown = sorted(set(record) - {"prompt", *_RECORD_KEYS})
-        if unknown:
-            raise UserError(
-                f"{where}: unknown field {unknown[0]!r} (known: prompt, {', '.join(_RECORD_KEYS)})"
-            )
-        params = {k: v for k, v in record.items() if k not in ("prompt", "id")}
-        try:
-            _sampling_params(cfg, params, 0, SamplingParams)
-        except (ValueError, TypeError) as e:
-            raise UserError(f"{where}: {e}") from None
-        records.append(PromptRecord(len(records), number, record["prompt"], params, record.get("id")))
-    if not records:
-        raise UserError(f"--prompts_file {path} holds no prompts")
-    return records
-
-
-def _sampling_params(cfg: GenerationConfig, own: dict, index: int, cls):
-    """The flags' settings, overridden by the record's own; with --seed, row i's seed is seed + i."""
-    values = dict(
-        max_new_tokens=cfg.max_len,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        seed=None if cfg.seed is None else cfg.seed + index,
-    )
-    values.update(own)
-    return cls(**values)
-
-
-def run_prompts_file(cfg: GenerationConfig, records, model, tokenizer, compute_dtype) -> list[str]:
-    """Runs every prompt of the file through one engine and writes ``cfg.out`` (JSON lines, one per prompt).
-
-    Rows are appended (and flushed) as they finish, so an interruption keeps every finished row; when all are
-    done the file is rewritten in input order. ``cfg.resume`` keeps the rows already in ``cfg.out`` (a torn last
-    line is dropped) and runs only the others."""
-    import json
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from hilt.engine import Engine, SamplingParams
-    from hilt.files import atomic_write
-
-    out_path = Path(cfg.out)
-    done: dict[int, dict] = {}
-    if out_path.exists() and out_path.stat().st_size:
-        if not cfg.resume:
-            raise UserError(f"--out {out_path} exists: --resume continues it, or remove it")
-        for line in out_path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the line a hard kill tore
-            i = row.get("index") if isinstance(row, dict) else None
-            if not isinstance(i, int) or not 0 <= i < len(records) or row.get("prompt") != records[i].prompt:
-                raise UserError(f"--out {out_path} holds results of another prompts file; use another --out")
-            done[i] = row
-
-    def write_all(rows: list[dict]) -> None:
-        atomic_write(
-            out_path,
-            lambda f: f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()),
-        )
-
-    write_all([done[i] for i in sorted(done)])  # drops a torn line before appending
-    todo = [r for r in records if r.index not in done]
-    context = model.config.max_seq_len
-
-    def items():
-        for r in todo:
-            ids = (tokenizer.encode(r.prompt) or [tokenizer.bos_id])[-context:]
-            yield ids, _sampling_params(cfg, r.params, r.index, SamplingParams)
-
-    texts, tokens, started = [], 0, time.perf_counter()
-    bar = tqdm(total=len(records), initial=len(done), unit="prompt", file=sys.stderr, dynamic_ncols=True)
-    try:
-        with (
-            Engine(model, tokenizer, max_slots=cfg.max_slots, compute_dtype=compute_dtype) as engine,
-            out_path.open("a", encoding="utf-8") as f,
-        ):
-            for k, result in engine.generate_iter(items()):
-                record = todo[k]
-                row = {"index": record.index}
-                if record.id is not None:
-                    row["id"] = record.id
-                row.update(
-                    prompt=record.prompt,
-                    text=result.text,
-                    finish_reason=result.finish_reason,
-                    prompt_tokens=len(result.prompt_ids),
-                    completion_tokens=len(result.token_ids),
-                )
-                if result.logprobs is not None:
-                    row.update(logprobs=result.logprobs, top_logprobs=result.top_logprobs)
-                append_row(f, row)
-                done[record.index] = row
-                texts.append(result.text)
-                tokens += len(result.token_ids)
-                bar.update()
-                bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):.1f} tokens/s")
-    except KeyboardInterrupt:
-        bar.close()
-        print(
-            f"{len(done)} of {len(records)} rows are in {out_path}; --resume runs the rest", file=sys.stderr
-        )
-        raise
-    bar.close()
-    write_all([done[i] for i in sorted(done)])  # input order
-    return texts
-
-
-def append_row(f, row: dict) -> None:
-    """One finished row, on disk at once (a test interrupts the run here)."""
-    import json
-
-    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    f.flush()

@@ -139,7 +139,7 @@ def _cached_future_mask(T: int, device: torch.device) -> torch.Tensor:
 
 class MixedDtypeLinear(nn.Linear):
     """nn.Linear that also runs with weights narrower than its input, computing in the weights' dtype as autocast
-    would. Generation keeps bf16 copies of the matrices (``hilt.generate.lowered_copy``) while the residual
+    would. Generation keeps bf16 copies of the matrices (``hilt.decoding.lowered_copy``) while the residual
     stream, the norms and the embedding stay fp32: decoding then computes what bf16 training computed without
     casting every weight at every token (batch-1 decoding 118 -> 210 tokens/s with bf16 weights)."""
 

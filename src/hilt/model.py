@@ -284,7 +284,7 @@ class DepthAttentionILT(nn.Module):
         keys = self.keys(sources, keys)
         stacked = torch.stack(sources, dim=2)  # (B, T, S, C)
         # in the keys' dtype: what autocast computes, and what generation's bf16 copy (bf16 matrices, fp32
-        # residual stream: hilt.generate.lowered_copy) computes too
+        # residual stream: hilt.decoding.lowered_copy) computes too
         dtype = keys[0].dtype
         dynamic = self.weights(h, keys).to(dtype) @ stacked.to(dtype)  # (B, T, w, C)
         static = (stacked.unsqueeze(2) * self.static).sum(dim=3)  # (B, T, w, C)

@@ -1,0 +1,142 @@
+"""The decoding copy of a model: its matrices in the compute dtype (bf16 where training autocasts), kept between
+calls and rebuilt when the weights change, and the oneDNN switch for single-row steps. Speed only: what the copy
+computes is what training's autocast computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from hilt.kernels import MixedDtypeLinear
+from hilt.model import HierarchicalTransformer
+
+
+def lowered_copy(model: HierarchicalTransformer, dtype: torch.dtype) -> HierarchicalTransformer:
+    """An eval-mode copy of ``model`` whose main and ILT layers hold their matrices in ``dtype`` (e.g. bf16): what
+    training's autocast computes (``hilt.kernels.MixedDtypeLinear`` casts the fp32 activations), without casting
+    every weight at every token. The embedding, norms and positions stay the model's own tensors, shared, not
+    copied. Building one takes ~31 ms at the default size: ``decoding_weights`` keeps it between calls."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    # plain tensors even when called under inference mode: the copy outlives this call in the cache
+    with torch.inference_mode(False), torch.no_grad():
+        lowered = copy.deepcopy(model, memo=shared).eval()
+        for module in (*lowered.layers.modules(), *lowered.ilts.modules()):
+            if isinstance(module, nn.Linear):
+                module.__class__ = MixedDtypeLinear
+                for name, param in list(module.named_parameters(recurse=False)):
+                    setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+    return lowered
+
+
+# --- the decoding copy, kept between calls -------------------------------------------------------------------
+# A lowered copy (and the head's bf16 weight) stays valid while the model's matrices keep their values. How a
+# stale copy is noticed, without torch's private Tensor._version:
+# - every optimizer step in the process bumps a counter (torch's public hook common to all optimizers): training
+#   steps are how weights change between two samples, and one rebuild (~31 ms) after a step costs nothing next
+#   to the step;
+# - load_state_dict on the model bumps the model's own counter (a post-hook registered with the first copy);
+# - the identity of every copied matrix (object, data_ptr, shape, dtype, device) catches .to(), a reassigned
+#   parameter or a new storage;
+# - a sampled checksum (every n-th element of each copied matrix, ~64 per matrix, summed in fp64) is the backstop
+#   for in-place edits that go through none of the above (a hand-written update under no_grad, a submodule's
+#   own load_state_dict); it costs ~0.5 ms, not the 80 MB read a full checksum would. A change to a few elements
+#   that the sample misses goes unnoticed: call ``forget_decoding_weights(model)`` after such surgery.
+# Comparing data_ptrs alone would miss every one of the usual changes: optimizer steps and load_state_dict
+# write into the same storage.
+_optimizer_steps = 0
+_loads: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+_decoding_cache: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+_cache_lock = threading.Lock()
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _count_load(module: nn.Module, incompatible_keys) -> None:
+    _loads[module] = _loads.get(module, 0) + 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _copied_matrices(model: HierarchicalTransformer) -> list[torch.Tensor]:
+    linears = (*model.layers.modules(), *model.ilts.modules())
+    return [m.weight for m in linears if isinstance(m, nn.Linear)] + [model.head.weight]
+
+
+def _fingerprint(model: HierarchicalTransformer) -> tuple:
+    matrices = _copied_matrices(model)
+    identity = tuple((id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device) for w in matrices)
+    with torch.no_grad():
+        sample = torch.stack(
+            [w.detach().reshape(-1)[:: max(1, w.numel() // 64)].sum(dtype=torch.float64) for w in matrices]
+        )
+    return _optimizer_steps, _loads.get(model, 0), identity, tuple(sample.tolist())
+
+
+def decoding_weights(
+    model: HierarchicalTransformer, compute_dtype: torch.dtype | None
+) -> tuple[HierarchicalTransformer, torch.Tensor]:
+    """The module that decodes and the LM head's weight: the model itself and its head for ``compute_dtype``
+    None, else ``lowered_copy`` and a copy of the head in that dtype, built once per model and dtype and rebuilt
+    when the model's weights change (see above)."""
+    if compute_dtype is None:
+        return model, model.head.weight.detach()
+    fingerprint = _fingerprint(model)
+    with _cache_lock:
+        if model not in _decoding_cache:
+            _decoding_cache[model] = {}
+            model.register_load_state_dict_post_hook(_count_load)
+        entry = _decoding_cache[model].get(compute_dtype)
+        if entry is None or entry[0] != fingerprint:
+            # Decoding one token reads every LM-head weight (12.9 M at GPT-2's vocabulary) for a matrix-vector
+            # product: memory-bound, so a bf16 copy halves the bytes (measured 6.4 -> 1.7 ms per token on CPU).
+            with torch.inference_mode(False), torch.no_grad():
+                head = model.head.weight.detach().to(compute_dtype)
+            entry = (fingerprint, lowered_copy(model, compute_dtype), head)
+            _decoding_cache[model][compute_dtype] = entry
+    return entry[1], entry[2]
+
+
+def forget_decoding_weights(model: HierarchicalTransformer) -> None:
+    """Drops the kept decoding copies of ``model`` (after weight surgery the checks above could miss)."""
+    with _cache_lock:
+        _decoding_cache.pop(model, None)
+
+
+@contextmanager
+def onednn_disabled() -> Iterator[None]:
+    """torch's CPU matmuls without oneDNN until exit, when the previous setting comes back.
+
+    Not thread-safe: ``torch.backends.mkldnn.enabled`` is one flag for the whole process, so every thread's
+    matmuls run without oneDNN meanwhile, and two threads entering and leaving in an interleaved order can leave
+    it off. Apply it only on the thread that owns the decoding loop (``hilt.engine.Engine`` has one decode thread
+    and applies it there), never around work another thread may be doing."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def without_onednn(device: torch.device, tokens: int) -> AbstractContextManager:
+    """``onednn_disabled`` for a model call of one token in all, else nothing; same thread rules (not thread-safe).
+
+    torch runs CPU bf16 matmuls through oneDNN, which spends ~50 us setting up each matrix-vector product,
+    where torch's own GEMV kernel streams the weights at memory speed (decoding one sequence with bf16 weights,
+    measured: 120 tokens/s with oneDNN, 205 without; the LM head alone 1.25 -> 0.96 ms). From a few rows on oneDNN
+    is faster (4 rows: 35 vs 56 us; 1024 rows: 1.1 vs 14 ms), so only single-row steps go without it. The switch
+    is process-wide: decoding in one thread while another trains in bf16 would slow that training down for the
+    duration of each step."""
+    return onednn_disabled() if device.type == "cpu" and tokens == 1 else nullcontext()

@@ -1,0 +1,189 @@
+"""``hilt generate --prompts_file F --out results.jsonl``: a whole file of prompts through the batched engine, each
+record with its own sampling settings; rows are written as they finish, so an interrupted run keeps them and
+``--resume`` skips them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hilt.errors import UserError
+
+if TYPE_CHECKING:
+    from hilt.generate import GenerationConfig
+
+
+# what a .jsonl record may carry besides "prompt": an "id" copied to its result, and SamplingParams' fields
+_RECORD_KEYS = (
+    "id",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "logprobs",
+    "ignore_eos",
+)
+
+
+@dataclass
+class PromptRecord:
+    index: int  # its place in the file's prompts, from 0: the key of its result
+    line: int  # for messages
+    prompt: str
+    params: dict  # SamplingParams fields the record sets
+    id: object = None
+
+
+def read_prompts_file(cfg: GenerationConfig) -> list[PromptRecord]:
+    """The prompts of ``cfg.prompts_file``: each non-blank line of a text file, or each record of a .jsonl file
+    ({"prompt": ..., optional "id" and sampling fields}). Every record's settings are checked here, so a bad one
+    stops the run before anything is generated, naming its line."""
+    import json
+    from pathlib import Path
+
+    from hilt.engine import SamplingParams
+
+    path = Path(cfg.prompts_file)
+    if not path.is_file():
+        raise UserError(f"--prompts_file {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts_file {path} is not UTF-8 text") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        if path.suffix != ".jsonl":
+            records.append(PromptRecord(len(records), number, line, {}))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not a JSON record ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise UserError(f'{where}: a record needs a "prompt" string')
+        unknown = sorted(set(record) - {"prompt", *_RECORD_KEYS})
+        if unknown:
+            raise UserError(
+                f"{where}: unknown field {unknown[0]!r} (known: prompt, {', '.join(_RECORD_KEYS)})"
+            )
+        params = {k: v for k, v in record.items() if k not in ("prompt", "id")}
+        try:
+            _sampling_params(cfg, params, 0, SamplingParams)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{where}: {e}") from None
+        records.append(PromptRecord(len(records), number, record["prompt"], params, record.get("id")))
+    if not records:
+        raise UserError(f"--prompts_file {path} holds no prompts")
+    return records
+
+
+def _sampling_params(cfg: GenerationConfig, own: dict, index: int, cls):
+    """The flags' settings, overridden by the record's own; with --seed, row i's seed is seed + i."""
+    values = dict(
+        max_new_tokens=cfg.max_len,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seed=None if cfg.seed is None else cfg.seed + index,
+    )
+    values.update(own)
+    return cls(**values)
+
+
+def run_prompts_file(cfg: GenerationConfig, records, model, tokenizer, compute_dtype) -> list[str]:
+    """Runs every prompt of the file through one engine and writes ``cfg.out`` (JSON lines, one per prompt).
+
+    Rows are appended (and flushed) as they finish, so an interruption keeps every finished row; when all are
+    done the file is rewritten in input order. ``cfg.resume`` keeps the rows already in ``cfg.out`` (a torn last
+    line is dropped) and runs only the others."""
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from hilt.engine import Engine, SamplingParams
+    from hilt.files import atomic_write
+
+    out_path = Path(cfg.out)
+    done: dict[int, dict] = {}
+    if out_path.exists() and out_path.stat().st_size:
+        if not cfg.resume:
+            raise UserError(f"--out {out_path} exists: --resume continues it, or remove it")
+        for line in out_path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the line a hard kill tore
+            i = row.get("index") if isinstance(row, dict) else None
+            if not isinstance(i, int) or not 0 <= i < len(records) or row.get("prompt") != records[i].prompt:
+                raise UserError(f"--out {out_path} holds results of another prompts file; use another --out")
+            done[i] = row
+
+    def write_all(rows: list[dict]) -> None:
+        atomic_write(
+            out_path,
+            lambda f: f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()),
+        )
+
+    write_all([done[i] for i in sorted(done)])  # drops a torn line before appending
+    todo = [r for r in records if r.index not in done]
+    context = model.config.max_seq_len
+
+    def items():
+        for r in todo:
+            ids = (tokenizer.encode(r.prompt) or [tokenizer.bos_id])[-context:]
+            yield ids, _sampling_params(cfg, r.params, r.index, SamplingParams)
+
+    texts, tokens, started = [], 0, time.perf_counter()
+    bar = tqdm(total=len(records), initial=len(done), unit="prompt", file=sys.stderr, dynamic_ncols=True)
+    try:
+        with (
+            Engine(model, tokenizer, max_slots=cfg.max_slots, compute_dtype=compute_dtype) as engine,
+            out_path.open("a", encoding="utf-8") as f,
+        ):
+            for k, result in engine.generate_iter(items()):
+                record = todo[k]
+                row = {"index": record.index}
+                if record.id is not None:
+                    row["id"] = record.id
+                row.update(
+                    prompt=record.prompt,
+                    text=result.text,
+                    finish_reason=result.finish_reason,
+                    prompt_tokens=len(result.prompt_ids),
+                    completion_tokens=len(result.token_ids),
+                )
+                if result.logprobs is not None:
+                    row.update(logprobs=result.logprobs, top_logprobs=result.top_logprobs)
+                append_row(f, row)
+                done[record.index] = row
+                texts.append(result.text)
+                tokens += len(result.token_ids)
+                bar.update()
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - started):.1f} tokens/s")
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"{len(done)} of {len(records)} rows are in {out_path}; --resume runs the rest", file=sys.stderr
+        )
+        raise
+    bar.close()
+    write_all([done[i] for i in sorted(done)])  # input order
+    return texts
+
+
+def append_row(f, row: dict) -> None:
+    """One finished row, on disk at once (a test interrupts the run here)."""
+    import json
+
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
