@@ -6,6 +6,7 @@
     chat.py         the chat template (Jinja) and the stop strings its role markers give
     metrics.py      Prometheus metrics
     run.py          settings, the model loader, uvicorn and a clean SIGTERM
+    cli.py          `hilt serve`'s flags
     static/         the playground: plain HTML, JS and CSS, no build step, nothing fetched from elsewhere
 
 Reference: docs/serving.md.
