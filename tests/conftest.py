@@ -39,3 +39,27 @@ def tiny_config(**overrides) -> ModelConfig:
     )
     values.update(overrides)
     return ModelConfig(**values)
+
+
+def save_untrained_checkpoint(folder: Path, max_seq_len: int = 32) -> str:
+    """A tiny untrained model (2 layers) with the real GPT-2 vocabulary, saved as the trainer saves it: what the
+    generation, engine and server tests load."""
+    from hilt.checkpoint import FORMAT_VERSION, atomic_save
+    from hilt.model import HierarchicalTransformer
+    from hilt.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer.load()
+    model = HierarchicalTransformer(
+        tiny_config(vocab_size=tok.vocab_size, n_layers=2, max_seq_len=max_seq_len)
+    )
+    path = Path(folder) / "best_model.pt"
+    state = {
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "model_state_dict": model.state_dict(),
+        "tokenizer": tok.name,
+        "train_config": {"tokenizer": None},
+    }
+    atomic_save(state, path)
+    return str(path)

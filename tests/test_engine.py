@@ -5,14 +5,13 @@ import threading
 import pytest
 import torch
 
-from hilt.checkpoint import FORMAT_VERSION, atomic_save
 from hilt.cli import main
 from hilt.engine import Engine, EngineClosed, QueueFull, SamplingParams
 from hilt.generate import generate
 from hilt.kv_cache import SlotCache
 from hilt.model import HierarchicalTransformer
 from hilt.tokenizer import Tokenizer
-from tests.conftest import tiny_config
+from tests.conftest import save_untrained_checkpoint, tiny_config
 
 
 def tiny_model(**overrides) -> HierarchicalTransformer:
@@ -245,21 +244,7 @@ def test_shutdown_cancels_what_outlasts_its_timeout_and_async_iteration_sees_the
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = Tokenizer.load()
-    model = HierarchicalTransformer(tiny_config(vocab_size=tok.vocab_size, n_layers=2, max_seq_len=32))
-    path = tmp_path_factory.mktemp("ckpt") / "best_model.pt"
-    atomic_save(
-        {
-            "format_version": FORMAT_VERSION,
-            "config": model.config.to_dict(),
-            "model_state_dict": model.state_dict(),
-            "tokenizer": tok.name,
-            "train_config": {"tokenizer": None},
-        },
-        path,
-    )
-    return str(path)
+    return save_untrained_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def run(capsys, *args):

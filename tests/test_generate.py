@@ -4,7 +4,6 @@ import sys
 import pytest
 import torch
 
-from hilt.checkpoint import FORMAT_VERSION, atomic_save
 from hilt.cli import main
 from hilt.generate import (
     TextStreamer,
@@ -19,7 +18,7 @@ from hilt.generate import (
 from hilt.kv_cache import KVCache
 from hilt.model import HierarchicalTransformer
 from hilt.tokenizer import Tokenizer
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, save_untrained_checkpoint, tiny_config
 
 
 def tiny_model(**overrides) -> HierarchicalTransformer:
@@ -366,22 +365,7 @@ def test_streamed_text_splits_multibyte_characters_correctly():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny untrained model with the real GPT-2 vocabulary, saved like the trainer saves."""
-    torch.manual_seed(0)
-    tok = Tokenizer.load()
-    model = HierarchicalTransformer(tiny_config(vocab_size=tok.vocab_size, n_layers=2, max_seq_len=32))
-    path = tmp_path_factory.mktemp("ckpt") / "best_model.pt"
-    atomic_save(
-        {
-            "format_version": FORMAT_VERSION,
-            "config": model.config.to_dict(),
-            "model_state_dict": model.state_dict(),
-            "tokenizer": tok.name,
-            "train_config": {"tokenizer": None},
-        },
-        path,
-    )
-    return str(path)
+    return save_untrained_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def run_cli(capsys, *args):

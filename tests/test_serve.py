@@ -19,13 +19,11 @@ import openai
 import pytest
 import torch
 
-from hilt.checkpoint import FORMAT_VERSION, atomic_save
 from hilt.cli import main
 from hilt.errors import UserError
-from hilt.model import HierarchicalTransformer
 from hilt.serve.chat import DEFAULT_TEMPLATE, ChatTemplate
 from hilt.tokenizer import Tokenizer
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, save_untrained_checkpoint
 
 KEY = "test-key-123"
 NAME = "tiny"
@@ -38,22 +36,7 @@ LONG = {"max_tokens": 1000, "temperature": 0, "ignore_eos": True, "stream": True
 
 
 def save_tiny_checkpoint(folder: Path) -> str:
-    """A tiny untrained model with the real GPT-2 vocabulary, saved as the trainer saves."""
-    torch.manual_seed(0)
-    tok = Tokenizer.load()
-    model = HierarchicalTransformer(tiny_config(vocab_size=tok.vocab_size, n_layers=2, max_seq_len=CONTEXT))
-    path = folder / "best_model.pt"
-    atomic_save(
-        {
-            "format_version": FORMAT_VERSION,
-            "config": model.config.to_dict(),
-            "model_state_dict": model.state_dict(),
-            "tokenizer": tok.name,
-            "train_config": {"tokenizer": None},
-        },
-        path,
-    )
-    return str(path)
+    return save_untrained_checkpoint(folder, max_seq_len=CONTEXT)
 
 
 class Server:
