@@ -468,9 +468,17 @@ class HierarchicalTransformer(nn.Module):
         x = self.drop(self.embed(idx) * self.embed_scale + pos)  # (B, T, C)
         if self.config.ilt_kind != "design" and self.ilts:
             x = self.history_layers(x, cache, attn_mask)
-            if cache is not None:
-                cache.advance(T)
-            return self.ln_f(x)
+        else:
+            x = self.design_layers(x, cache, attn_mask, modulation_scale)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x)
+
+    def design_layers(
+        self, x: torch.Tensor, cache: KVCache | None, attn_mask: torch.Tensor | None, modulation_scale: float
+    ) -> torch.Tensor:
+        """The main layers with the design's ILT between each consecutive pair (none for a plain transformer):
+        embedded input (B, T, C) -> last layer's state (B, T, C), modulated."""
         embedded = x  # what the ilt_embed variant puts first in every ILT's window
         window: list[torch.Tensor] = []  # the latest main-layer outputs, oldest first
         for i, layer in enumerate(self.layers):
@@ -481,9 +489,7 @@ class HierarchicalTransformer(nn.Module):
                 scale = modulation_scale if ilt.gate is None else ilt.gate
                 x = x + scale * ilt(seen)
             window = [*window, x][-(self.config.ilt_window - 1) :]
-        if cache is not None:
-            cache.advance(T)
-        return self.ln_f(x)
+        return x
 
     def history_layers(
         self, x: torch.Tensor, cache: KVCache | None, attn_mask: torch.Tensor | None
