@@ -90,7 +90,7 @@ def test_evaluation_never_builds_the_full_logits(monkeypatch):
 
     monkeypatch.setattr(model.head, "forward", refuse)
     assert evaluate_tokens(model, tokens, seq_len=16, stride=8, batch_size=4).loss == expected
-    # training's validation too: it goes through the chunked LanguageModelLoss
+    # training's validation too: the same HeadLoss from the final hidden states
     cfg = TrainConfig(text_file="-", batch_size=4, seq_len=16, epochs=1, amp=False, out_dir="/nonexistent")
     data = TokenBatches(tokens.astype(np.uint16), 16, 4, shuffle=False)
     trainer = Trainer(model, cfg, data, data, device=torch.device("cpu"), is_main=False)
@@ -99,15 +99,14 @@ def test_evaluation_never_builds_the_full_logits(monkeypatch):
     )
 
 
-def test_equals_trainer_validation_loss_on_the_same_windows():
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "autocast"])
+def test_equals_trainer_validation_loss_on_the_same_windows(amp):
     torch.manual_seed(0)
     model = HierarchicalTransformer(tiny_config())
     tokens = np.random.default_rng(1).integers(0, 97, size=700).astype(np.uint16)
     train_data = TokenBatches(tokens[:500], 16, 4, seed=0)
     val_tokens = tokens[500:]
-    cfg = TrainConfig(
-        text_file="unused", batch_size=4, seq_len=16, epochs=1, amp=False, out_dir="/nonexistent"
-    )
+    cfg = TrainConfig(text_file="unused", batch_size=4, seq_len=16, epochs=1, amp=amp, out_dir="/nonexistent")
     trainer = Trainer(
         model,
         cfg,
@@ -119,9 +118,13 @@ def test_equals_trainer_validation_loss_on_the_same_windows():
     for _ in range(3):  # a model that has moved away from its initialisation
         trainer.train_step(train_data.window_order(0))
     expected = trainer.evaluate()
-    got = evaluate_tokens(model, val_tokens, seq_len=16, stride=16, batch_size=3)
-    assert got.loss == pytest.approx(expected, abs=1e-5)
+    # the same batches: the same code (features, then HeadLoss), so the same float64 sum to the last bit
+    got = evaluate_tokens(model, val_tokens, seq_len=16, stride=16, batch_size=4, amp_dtype=trainer.amp_dtype)
+    assert got.loss == expected
     assert got.tokens == (len(val_tokens) - 1) // 16 * 16
+    # other batches only change the order of a float64 sum
+    other = evaluate_tokens(model, val_tokens, seq_len=16, batch_size=3, amp_dtype=trainer.amp_dtype)
+    assert other.loss == pytest.approx(expected, abs=1e-6)
 
 
 def test_bits_per_byte_counts_the_bytes_of_the_scored_text():
@@ -135,9 +138,8 @@ def test_bits_per_byte_counts_the_bytes_of_the_scored_text():
     assert got.bits_per_byte == pytest.approx(got.loss * got.tokens / math.log(2) / got.bytes)
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
+def _train_tiny_model(out, amp: bool):
+    """A 32-wide model trained for one epoch on the start of data.txt: (out, text file, its Trainer)."""
     text = out / "text.txt"
     text.write_text(DATA_TXT.read_text()[:12_000])
     cfg = TrainConfig(
@@ -146,7 +148,7 @@ def trained_run(tmp_path_factory):
         batch_size=8,
         seq_len=16,
         epochs=1,
-        amp=False,
+        amp=amp,
         out_dir=str(out / "r"),
         ilt_stats_every=0,
     )
@@ -156,16 +158,25 @@ def trained_run(tmp_path_factory):
     return out, text, trainer
 
 
-def test_hilt_eval_split_val_reproduces_the_recorded_validation_loss(trained_run, capsys):
-    out, _, trainer = trained_run
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    return _train_tiny_model(tmp_path_factory.mktemp("run"), amp=False)
+
+
+# autocast is bf16 where the CPU has it natively, else fp32 again
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "autocast"])
+def test_hilt_eval_split_val_reproduces_the_recorded_validation_loss(trained_run, tmp_path, amp, capsys):
+    out, _, trainer = _train_tiny_model(tmp_path, amp=True) if amp else trained_run
     ckpt = torch.load(out / "r" / "last_model.pt", weights_only=True)
-    result = run_eval(str(out / "r" / "last_model.pt"), split="val", amp=False, device="cpu")
-    assert result.loss == pytest.approx(ckpt["val_loss"], abs=1e-5)
-    assert result.loss == pytest.approx(trainer.last_val_loss, abs=1e-5)
+    recorded = ckpt["val_loss"]
+    # a real loss of a model that learnt something: below a uniform guess over GPT-2's vocabulary
+    assert 0 < recorded < math.log(50_257)
+    result = run_eval(str(out / "r" / "last_model.pt"), split="val", amp=amp, device="cpu")
+    # the same windows, batches, precision and code (features, then hilt.loss.HeadLoss): equal to the last bit
+    assert result.loss == recorded == trainer.last_val_loss == trainer.history[-1]["val_loss"]
+    assert result.tokens == trainer.val_data.num_windows * 16  # every validation window, each whole
     printed = capsys.readouterr().out
-    assert (
-        "(val split)" in printed and f"Loss: {ckpt['val_loss']:.4f}" in printed and "Bits per byte" in printed
-    )
+    assert "(val split)" in printed and f"Loss: {recorded:.4f}" in printed and "Bits per byte" in printed
 
 
 def test_hilt_eval_cli_any_text_and_user_errors(trained_run, capsys):

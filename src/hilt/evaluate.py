@@ -7,9 +7,10 @@ shorter than ``stride`` that fills no window is left out, exactly as in training
 ``stride == seq_len`` the windows are the trainer's validation windows, so ``hilt eval --split val`` reproduces the
 validation loss the training run recorded (same tokens, same modulation scale, same precision).
 
-The loss comes from the final hidden states through ``HeadLoss``, a few hundred tokens' logits at a time in buffers
-reused for the whole run: the full (B, T, 50,260) fp32 logits of a batch (412 MB at 32 x 64) were faulted in afresh
-every batch and then read and written twice more by the log-softmax (docs/performance.md, "Evaluation speed").
+The loss comes from the final hidden states through ``hilt.loss.HeadLoss``, the exact loss training's validation
+computes too: a few hundred tokens' logits at a time, in buffers reused for the whole run. The full (B, T, 50,260)
+fp32 logits of a batch (412 MB at 32 x 64) were faulted in afresh every batch and then read and written twice more
+by the log-softmax (docs/performance.md, "Evaluation speed").
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from hilt.checkpoint import load_model_and_tokenizer
 from hilt.data import tokenize_file, train_val_tokens
 from hilt.device import autocast_dtype, resolve_device
 from hilt.errors import UserError
-from hilt.loss import CHUNK_ELEMENTS
+from hilt.loss import HeadLoss
 from hilt.metrics import perplexity
 from hilt.model import HierarchicalTransformer
 from hilt.tokenizer import Tokenizer
@@ -60,44 +61,6 @@ class EvalResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else math.inf
-
-
-class HeadLoss:
-    """Summed next-token loss of final hidden states under the LM head ``weight`` (V, C), computed as training's
-    validation computes it (logits ``h W^T`` in the compute dtype, an exact fp32 log-softmax per token) and summed in
-    float64, one chunk of at most ``chunk_elements`` logits at a time (training's chunk size by default). The weight
-    in the compute dtype and the logits buffers are made once and reused for every call: a fresh vocabulary-sized
-    tensor per batch costs a page fault per 4 KB."""
-
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, chunk_elements: int = CHUNK_ELEMENTS):
-        self.weight = weight.detach().to(dtype)  # (V, C)
-        self.chunk = max(1, chunk_elements // weight.size(0))
-        self.logits = self.fp32 = torch.empty(0, weight.size(0), dtype=dtype, device=weight.device)
-
-    def _grow(self, rows: int) -> None:
-        # as many rows as a call needs, up to a chunk (a tiny vocabulary would otherwise get 2**25-element buffers)
-        self.logits = torch.empty(
-            rows, self.weight.size(0), dtype=self.weight.dtype, device=self.weight.device
-        )
-        # the log-softmax runs in place on fp32 logits: a second buffer when the matmul gives bf16/fp16
-        same = self.weight.dtype == torch.float32
-        self.fp32 = self.logits if same else torch.empty_like(self.logits, dtype=torch.float32)
-
-    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """hidden (N, C), targets (N,) -> sum over the N tokens of -log softmax(logits)[target], float64."""
-        if self.logits.size(0) < min(self.chunk, hidden.size(0)):
-            self._grow(min(self.chunk, hidden.size(0)))
-        h = hidden.to(self.weight.dtype)
-        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for start in range(0, h.size(0), self.chunk):
-            h_c, t_c = h[start : start + self.chunk], targets[start : start + self.chunk]
-            n = h_c.size(0)
-            logits = torch.mm(h_c, self.weight.T, out=self.logits[:n])  # (n, V) in the compute dtype
-            x = logits if self.fp32 is self.logits else self.fp32[:n].copy_(logits)  # (n, V) fp32
-            # one kernel, row by row while the row is in cache: 2x faster than amax, exp and sum over the chunk
-            log_probs = torch.log_softmax(x, dim=1, out=x)
-            total -= log_probs.gather(1, t_c[:, None]).double().sum()
-        return total
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from hilt.device import autocast_dtype
 from hilt.distributed import any_rank, mean_over_ranks
 from hilt.errors import UserError
 from hilt.ilt_stats import ilt_stats
-from hilt.loss import LanguageModelLoss
+from hilt.loss import HeadLoss, LanguageModelLoss
 from hilt.metrics import MetricsLog, perplexity
 from hilt.model import HierarchicalTransformer
 from hilt.schedule import lr_factor
@@ -87,8 +87,7 @@ class Trainer:
         is_main: bool = True,
     ):
         self.model = model
-        self.criterion = LanguageModelLoss(model)
-        self.net = net if net is not None else self.criterion
+        self.net = net if net is not None else LanguageModelLoss(model)
         self.cfg = cfg
         self.train_data = train_data
         self.val_data = val_data
@@ -127,13 +126,11 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def loss(
-        self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float | None, reduction="mean"
-    ):
-        """Next-token loss through ``net`` (the LanguageModelLoss, or its DDP wrapper) at training ``progress``
-        (0 -> 1; None: the trained model, as evaluation sees it)."""
+    def loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> torch.Tensor:
+        """Mean next-token loss through ``net`` (the LanguageModelLoss, or its DDP wrapper) at training
+        ``progress`` (0 -> 1)."""
         with self.autocast():
-            return net(x.to(self.device), y.to(self.device), reduction=reduction, progress=progress)
+            return net(x.to(self.device), y.to(self.device), progress=progress)
 
     def train_step(self, order: torch.Tensor) -> None:
         """One optimizer step over the next ``gradient_accumulation_steps`` batches of this epoch."""
@@ -208,12 +205,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token loss over every validation window, at the final modulation scale."""
+        """Mean next-token loss over every validation window, at the final modulation scale: the final hidden
+        states through ``HeadLoss``, exactly as `hilt eval` scores them, so its ``--split val`` reproduces it."""
         was_training = self.model.training
         self.model.eval()
+        # one per call (a snapshot of the head's weight): its logits buffer serves every batch, then goes
+        head_loss = HeadLoss(self.model.head.weight, self.amp_dtype or self.model.head.weight.dtype)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
         for x, y in self.val_data.eval_batches():
-            total[0] += self.loss(self.criterion, x, y, None, "sum").double()
+            with self.autocast():
+                hidden = self.model.features(x.to(self.device))  # (B, T, C)
+            total[0] += head_loss(hidden.flatten(0, 1), y.to(self.device).flatten())
             total[1] += y.numel()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)
