@@ -67,6 +67,60 @@ def test_the_whole_model_with_and_without_kernels_agrees_in_fp64(kind):
         assert (p.grad - q.grad).abs().max() < 1e-10, name
 
 
+@pytest.mark.parametrize("kind", ["depth", "depth_multiway"])
+def test_the_depth_kinds_mixing_kernel_equals_the_reference_in_fp64(kind):
+    torch.manual_seed(0)
+    fast = HierarchicalTransformer(tiny_config(ilt_kind=kind, n_layers=4)).double()
+    for p in fast.ilts.parameters():  # away from the zero init, so every gradient path carries something
+        torch.nn.init.normal_(p, std=0.3)
+    reference = HierarchicalTransformer(tiny_config(ilt_kind=kind, n_layers=4), cpu_kernels=False).double()
+    reference.load_state_dict(fast.state_dict())
+    idx = torch.randint(0, 97, (3, 20))
+    losses = [F.cross_entropy(m(idx).flatten(0, 1), idx.roll(-1, 1).flatten()) for m in (fast, reference)]
+    for loss in losses:
+        loss.backward()
+    # the reference takes its softmax over sources in fp32 even here (softmax(dtype=torch.float32), as autocast
+    # would): agreement to fp32's rounding; the kernel's own fp64 gradients are checked by gradcheck below
+    assert abs(losses[0].item() - losses[1].item()) < 1e-6 * losses[1].item()
+    for (name, p), q in zip(fast.named_parameters(), reference.parameters(), strict=True):
+        assert (p.grad - q.grad).abs().max() < 1e-6 * q.grad.abs().max(), name
+    assert fast.ilts[0].cpu_kernels and not reference.ilts[0].cpu_kernels
+    with torch.no_grad():  # decoding keeps the reference: no backward to save
+        assert torch.equal(fast(idx), reference(idx))
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_the_depth_mixing_kernels_backward_is_the_gradient_of_its_forward(streams):
+    torch.manual_seed(0)
+    N, S, r, C = 7, 4, 5, 6
+    shapes = [(N, streams, r), (N, S, r), (N, S, C), (streams, C), (streams, S, C)]  # q, k, x, gate, static
+    inputs = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    assert torch.autograd.gradcheck(kernels._DepthMix.apply, inputs)
+    q, k, x, gate, static = inputs
+    a = (q @ k.transpose(1, 2) / r**0.5).softmax(dim=-1)  # the forward, written out
+    expected = gate * (a @ x) + (x.unsqueeze(1) * static).sum(dim=2)
+    assert (kernels._DepthMix.apply(*inputs) - expected).abs().max() < 1e-12
+
+
+def test_the_depth_mixing_kernel_trains_under_bf16_autocast_like_the_reference():
+    torch.manual_seed(0)
+    fast = HierarchicalTransformer(tiny_config(ilt_kind="depth_multiway", n_layers=4))
+    for p in fast.ilts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    reference = HierarchicalTransformer(tiny_config(ilt_kind="depth_multiway", n_layers=4), cpu_kernels=False)
+    reference.load_state_dict(fast.state_dict())
+    idx = torch.randint(0, 97, (3, 20))
+    for m in (fast, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(m(idx).flatten(0, 1).float(), idx.roll(-1, 1).flatten())
+        loss.backward()
+        m.loss = loss.item()
+    # the kernel mixes in fp32 where the reference rounds the attention weights and sources to bf16
+    assert abs(fast.loss - reference.loss) < 1e-2
+    for (name, p), q in zip(fast.ilts.named_parameters(), reference.ilts.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=0.1, atol=0.02 * q.grad.abs().max().item()), name
+
+
 def test_the_switch_picks_the_kernels_on_cpu_and_the_reference_otherwise():
     model = HierarchicalTransformer(tiny_config())
     assert all(type(m) is kernels.CheapDropout for m in model.modules() if isinstance(m, torch.nn.Dropout))
@@ -171,3 +225,71 @@ def test_a_mask_first_made_while_generating_serves_a_later_training_step():
         model(idx)
     model(idx).sum().backward()  # raised "Inference tensors cannot be saved for backward" before
     assert model.ilts[0].proj_in.weight.grad is not None
+
+
+# --- decoding attention --------------------------------------------------------------------------------------
+
+
+def _decode_inputs(dtype, B=16, H=8, D=32, max_len=64, S=40):
+    """The engine's batched decoding step at the default model's heads (H 8, D 32): one query per row, keys
+    and values as views of a longer cache, each row seeing its own number of keys."""
+    cache_k, cache_v = (torch.randn(B, H, max_len, D, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(B, H, 1, D, dtype=torch.float64) * 2
+    seen = torch.randint(1, S + 1, (B,))
+    seen[0] = S  # the longest row sets S
+    mask = (torch.arange(S) < seen[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    return *(t.to(dtype) for t in (q, cache_k[:, :, :S], cache_v[:, :, :S])), mask
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_attention_equals_the_reference_sdpa_with_a_mask_per_row(dtype, tolerance):
+    q, k, v, mask = _decode_inputs(dtype)
+    fast = kernels.decode_attention(q, k, v, mask)
+    reference = F.scaled_dot_product_attention(q, k, v, mask)  # the path it replaces, at the same dtype
+    assert fast.dtype == dtype and fast.shape == (16, 8, 1, 32)
+    assert (fast.double() - reference.double()).abs().max() < tolerance
+    # computed in fp32 and rounded once: within one rounding to dtype of the exact result on the same inputs
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask)
+    assert ((fast.double() - exact).abs() <= exact.abs() * torch.finfo(dtype).eps + 1e-6).all()
+
+
+def test_decode_attention_is_picked_for_one_masked_bf16_query_per_row_only():
+    q, _, _, mask = _decode_inputs(torch.bfloat16)
+    assert kernels.decode_attention_kernel(q, mask) is kernels.decode_attention
+    assert kernels.decode_attention_kernel(q, None) is None  # a single row: the cache's length is its mask
+    assert kernels.decode_attention_kernel(q.float(), mask) is None  # fp32: SDPA is as fast
+    assert kernels.decode_attention_kernel(q.expand(-1, -1, 2, -1), mask) is None  # a prefill
+
+
+def test_the_decoding_copy_runs_the_batched_step_through_the_kernel_with_the_references_logits(monkeypatch):
+    from hilt.decoding import DecodingAttention, lowered_copy
+    from hilt.kv_cache import SlotCache
+
+    model = HierarchicalTransformer(tiny_config(d_model=64, n_heads=2)).eval()
+    lowered = lowered_copy(model, torch.bfloat16)
+    assert all(type(layer.attn) is DecodingAttention for layer in lowered.layers)
+    calls = []
+    kernel = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    c = model.config
+    seqs = [torch.randint(0, 97, (n,)).tolist() for n in (5, 17, 9)]
+    new = torch.randint(0, 97, (3, 1))
+
+    def step():
+        cache = SlotCache(c.n_layers, 3, c.max_seq_len, c.n_heads, c.d_model // c.n_heads, torch.bfloat16)
+        ids = torch.zeros(3, 17, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+        cache.bind([0, 1, 2], [len(s) for s in seqs], fresh=True)
+        lowered(ids, cache=cache)
+        cache.bind([0, 1, 2], [1, 1, 1], fresh=False)
+        return lowered(new, cache=cache, positions=cache.positions(), attn_mask=cache.padding_mask())[:, -1]
+
+    with torch.inference_mode():
+        fast = step()
+        assert len(calls) == c.n_layers  # the decoding call only; the prefill went through SDPA
+        for layer in lowered.layers:
+            layer.attn.cpu_kernels = False
+        reference = step()
+        assert len(calls) == c.n_layers
+    assert (fast - reference).abs().max() < 0.05 * reference.abs().max()
