@@ -420,6 +420,15 @@ def step_times(base: dict, arms: list[Arm], args) -> list[dict]:
     from hilt.loss import LanguageModelLoss
     from hilt.memory import freed_memory_kept
 
+    class CpuTimed(Contestant):
+        """Also takes the step's CPU time on this thread: with one torch thread that is the step's own work,
+        which the other processes on a shared machine barely change, while they stretch its wall-clock time."""
+
+        def step(self, x, y) -> None:
+            t0 = time.thread_time()
+            super().step(x, y)
+            self.cpu_times.append(time.thread_time() - t0)
+
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.amp else None
     loss = lambda m, x, y: LanguageModelLoss(m)(x, y, 0.1)  # noqa: E731  # what train.py's step calls
@@ -427,17 +436,22 @@ def step_times(base: dict, arms: list[Arm], args) -> list[dict]:
     for arm in arms:
         torch.manual_seed(0)
         model = HierarchicalTransformer(model_config(base, arm.overrides)).train()
-        contestants.append(Contestant(arm.name, model, dtype, 0, loss))
+        contestants.append(CpuTimed(arm.name, model, dtype, 0, loss))
+        contestants[-1].cpu_times = []
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, base["vocab_size"], (args.batch_size, args.seq_len + 1), generator=g)
     with freed_memory_kept():
         take_turns(contestants, x[:, :-1], x[:, 1:], 3, args.step_times, shuffle=random.Random(0))
-    plain = statistics.median(next(c for c in contestants if c.name == "plain").times)
+    for c in contestants:
+        c.cpu_times = c.cpu_times[-args.step_times :]  # take_turns clears only the wall-clock warm-up times
+    plain = next(c for c in contestants if c.name == "plain")
     return [
         {
             "arm": c.name,
             "step_seconds": statistics.median(c.times),
-            "vs_plain": statistics.median(c.times) / plain,
+            "vs_plain": statistics.median(c.times) / statistics.median(plain.times),
+            "cpu_seconds": statistics.median(c.cpu_times),
+            "cpu_vs_plain": statistics.median(c.cpu_times) / statistics.median(plain.cpu_times),
         }
         for c in contestants
     ]
@@ -468,9 +482,13 @@ def print_step_times(args, p: argparse.ArgumentParser) -> int:
         f"{args.batch_size} x {args.seq_len}, d_model {args.d_model} / {args.n_layers} layers, vocab "
         f"{args.vocab_size}, median of {args.step_times} rounds | load average {os.getloadavg()}\n"
     )
-    print("| arm | step (ms) | vs plain |\n| --- | --- | --- |")
+    cpu = "CPU time of the step's thread" + ("" if args.threads == 1 else " (misses the other threads' work)")
+    print(f"| arm | step (ms) | vs plain | {cpu} (ms) | vs plain |\n| --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['arm']} | {r['step_seconds'] * 1e3:.1f} | {r['vs_plain']:.3f}x |")
+        print(
+            f"| {r['arm']} | {r['step_seconds'] * 1e3:.1f} | {r['vs_plain']:.3f}x | {r['cpu_seconds'] * 1e3:.1f} "
+            f"| {r['cpu_vs_plain']:.3f}x |"
+        )
     return 0
 
 

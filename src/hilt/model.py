@@ -261,6 +261,7 @@ class DepthAttentionILT(nn.Module):
         self.query = nn.Linear(d_model, streams * rank, bias=False)
         self.gate = nn.Parameter(torch.zeros(streams, d_model))
         self.static = nn.Parameter(torch.zeros(streams, n_sources, d_model))
+        self.cpu_kernels = True  # hilt.kernels.use_cpu_kernels sets it
 
     def reset_parameters(self) -> None:
         """Zero query, gate and static weights (called after the model's own init, which draws every Linear)."""
@@ -271,17 +272,24 @@ class DepthAttentionILT(nn.Module):
         """The keys of all sources: those already made, then this module's keys of the new ones, each (B, T, r)."""
         return keys + [self.key(F.rms_norm(s, s.shape[-1:])) for s in sources[len(keys) :]]
 
+    def queries(self, h: torch.Tensor) -> torch.Tensor:
+        """Each stream's query from the state after this module's layer, (B, T, streams, r)."""
+        B, T, C = h.shape
+        return self.query(F.rms_norm(h, (C,))).view(B, T, self.streams, self.rank)
+
     def weights(self, h: torch.Tensor, keys: list[torch.Tensor]) -> torch.Tensor:
         """The attention of each stream over the sources, (B, T, streams, S)."""
-        B, T, C = h.shape
-        q = self.query(F.rms_norm(h, (C,))).view(B, T, self.streams, self.rank)  # (B, T, w, r)
         k = torch.stack(keys, dim=3)  # (B, T, r, S)
-        return (q @ k * self.rank**-0.5).softmax(dim=-1, dtype=torch.float32)  # (B, T, w, S)
+        return (self.queries(h) @ k * self.rank**-0.5).softmax(dim=-1, dtype=torch.float32)  # (B, T, w, S)
 
     def forward(
         self, h: torch.Tensor, sources: list[torch.Tensor], keys: list[torch.Tensor]
     ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
         keys = self.keys(sources, keys)
+        if self.cpu_kernels and h.device.type == "cpu" and torch.is_grad_enabled():
+            # a CPU speed path with the same maths (hilt/kernels.py)
+            modulation = kernels.depth_mix(self.queries(h), keys, sources, self.gate, self.static)
+            return modulation.unbind(dim=2), keys
         stacked = torch.stack(sources, dim=2)  # (B, T, S, C)
         # in the keys' dtype: what autocast computes, and what generation's bf16 copy (bf16 matrices, fp32
         # residual stream: hilt.decoding.lowered_copy) computes too
