@@ -1,16 +1,17 @@
 """Evaluation against training on one model and batch, side by side in one process: `hilt eval`'s scoring
 (``evaluate_tokens``), training's validation (``Trainer.evaluate``), training steps (``Trainer.train_step``, inside
-``hilt.memory.freed_memory_kept`` as ``Trainer.fit`` runs them) and, for comparison, what `hilt eval` did before:
-the model's full (B, T, V) logits and an fp32 cross-entropy.
+``hilt.memory.freed_memory_kept`` as ``Trainer.fit`` runs them) and, for comparison, what the two evaluations did
+before they shared ``hilt.loss.HeadLoss``: training's validation through the chunked training loss's no-grad
+branch (fresh buffers per batch), `hilt eval` through the model's full (B, T, V) logits and an fp32 cross-entropy.
 
     .venv/bin/python benchmarks/eval_bench.py                                  # the 128-wide demo model, fp32
     .venv/bin/python benchmarks/eval_bench.py --d_model 64 --n_layers 2        # a 64-wide 2-layer model
     .venv/bin/python benchmarks/eval_bench.py --amp                            # bf16 autocast where native
 
-The three take turns for --rounds rounds (so drifts in machine speed hit all of them alike); each round times
---batches batches of each. Per phase: the median tokens/s over the rounds, and the kernel (sys) CPU time of the
-whole process as a share of the phase's wall time (getrusage, all threads: page faults show up there). Weights are
-random: the speed does not depend on them.
+The phases take turns for --rounds rounds (so drifts in machine speed hit all of them alike); each round times
+--batches batches of each. Per phase: the median tokens/s over the rounds, the kernel (sys) CPU time of the
+whole process as a share of the phase's wall time and its minor page faults per batch (getrusage, all threads: a
+fresh vocabulary-sized buffer shows up in both). Weights are random: the speed does not depend on them.
 """
 
 from __future__ import annotations
@@ -34,16 +35,18 @@ from hilt import memory  # noqa: E402
 from hilt.data import TokenBatches  # noqa: E402
 from hilt.device import autocast_dtype  # noqa: E402
 from hilt.evaluate import evaluate_tokens  # noqa: E402
+from hilt.loss import CHUNK_ELEMENTS  # noqa: E402
 from hilt.model import HierarchicalTransformer, ModelConfig  # noqa: E402
 from hilt.train import TrainConfig, Trainer  # noqa: E402
 
 
 class Meter:
-    """Wall and kernel CPU seconds of the timed blocks of one phase."""
+    """Wall and kernel CPU seconds and minor page faults of the timed blocks of one phase."""
 
     def __init__(self):
         self.rates: list[float] = []
         self.wall = self.sys = 0.0
+        self.faults = 0
 
     @contextlib.contextmanager
     def time(self, tokens: int):
@@ -51,7 +54,9 @@ class Meter:
         yield
         wall = time.perf_counter() - t0
         self.wall += wall
-        self.sys += resource.getrusage(resource.RUSAGE_SELF).ru_stime - r0.ru_stime
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        self.sys += r1.ru_stime - r0.ru_stime
+        self.faults += r1.ru_minflt - r0.ru_minflt
         self.rates.append(tokens / wall)
 
 
@@ -114,10 +119,31 @@ def main() -> None:
             F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").double().sum()
         model.train()
 
+    @torch.no_grad()
+    def old_validation() -> None:
+        # what Trainer.evaluate did before it shared HeadLoss (hilt.loss at d41804c^): per batch a fresh logits
+        # buffer of 512 rows or fewer, and per chunk torch.logsumexp's chunk-sized temporary
+        model.eval()
+        for x, y in val_data.eval_batches():
+            with torch.autocast("cpu", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                hidden = model.features(x).flatten(0, 1)  # (N, C)
+            dtype = amp_dtype or hidden.dtype
+            h, w, targets = hidden.to(dtype), model.head.weight.to(dtype), y.flatten()
+            n_chunks = -(-h.size(0) * w.size(0) // CHUNK_ELEMENTS)  # ceil
+            chunk = -(-h.size(0) // n_chunks)
+            buffer = h.new_empty(min(chunk, h.size(0)), w.size(0))
+            for start in range(0, h.size(0), chunk):
+                t_c = targets[start : start + chunk]
+                logits = torch.mm(h[start : start + chunk], w.T, out=buffer[: len(t_c)])
+                target_logits = logits.gather(1, t_c[:, None]).squeeze(1).float()
+                (torch.logsumexp(logits.float(), dim=-1) - target_logits).sum().double()
+        model.train()
+
     phases = {
         "training step (fwd+bwd+AdamW)": train,
         "hilt eval (evaluate_tokens)": hilt_eval,
         "training's validation (Trainer.evaluate)": trainer.evaluate,
+        "training's validation before HeadLoss": old_validation,
         "full logits + cross_entropy (hilt eval before HeadLoss)": full_logits,
     }
     meters = {name: Meter() for name in phases}
@@ -135,12 +161,13 @@ def main() -> None:
         f"{args.d_model}, {args.n_layers} layers, ILTs {'on' if model.ilts else 'off'}; batch {args.batch_size} "
         f"x {args.seq_len}; {precision}; {args.rounds} rounds of {args.batches} batches per phase\n"
     )
-    print("| phase | tokens/s (median) | vs training | sys time / wall |")
-    print("| --- | --- | --- | --- |")
+    print("| phase | tokens/s (median) | vs training | sys time / wall | minor faults / batch |")
+    print("| --- | --- | --- | --- | --- |")
     train_rate = statistics.median(meters["training step (fwd+bwd+AdamW)"].rates)
     for name, m in meters.items():
         rate = statistics.median(m.rates)
-        print(f"| {name} | {rate:,.0f} | {rate / train_rate:.2f}x | {m.sys / m.wall:.0%} |")
+        faults = m.faults / (args.rounds * args.batches)
+        print(f"| {name} | {rate:,.0f} | {rate / train_rate:.2f}x | {m.sys / m.wall:.0%} | {faults:,.0f} |")
 
 
 if __name__ == "__main__":
