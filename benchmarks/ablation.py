@@ -298,7 +298,12 @@ def loss_at(curve: list[dict], key: str, x: float) -> float:
     return float(np.interp(x, xs, ys)) if x >= xs[0] else math.nan
 
 
-def summarise(results: list[dict], arms: list[Arm], costs: dict) -> list[dict]:
+def summarise(
+    results: list[dict], arms: list[Arm], costs: dict, step_costs: dict[str, float] | None = None
+) -> list[dict]:
+    """One row per arm. ``step_costs`` (arm -> step time / plain's, from ``--step_times`` at the runs' own
+    settings) also reads every arm's curve at the step it reaches in the time plain takes for all its steps:
+    equal wall-clock from a quiet measurement instead of the runs' own seconds, which other jobs stretch."""
     by_arm = {
         a.name: sorted((r for r in results if r["arm"] == a.name), key=lambda r: r["seed"]) for a in arms
     }
@@ -320,6 +325,17 @@ def summarise(results: list[dict], arms: list[Arm], costs: dict) -> list[dict]:
             deltas[f"delta_vs_{name}_seeds"] = len(delta)
         secs, _ = mean_std([r["train_seconds"] for r in runs])
         at_t, at_t_sd = mean_std([loss_at(r["curve"], "seconds", t_equal) for r in runs])
+        by_cost = {}
+        if step_costs and arm.name in step_costs and "plain" in step_costs and by_arm.get("plain"):
+            plain_steps = by_arm["plain"][0]["steps"] * step_costs["plain"] / step_costs[arm.name]
+            at_step = {r["seed"]: loss_at(r["curve"], "step", plain_steps) for r in runs}
+            plain_end = {r["seed"]: r["val_loss"] for r in by_arm["plain"]}
+            by_cost["equal_time_step"] = min(plain_steps, runs[0]["steps"])
+            by_cost["val_loss_at_equal_time"], _ = mean_std(list(at_step.values()))
+            paired = [at_step[seed] - plain_end[seed] for seed in at_step if seed in plain_end]
+            d, d_sd = mean_std(paired) if paired else (math.nan, math.nan)
+            by_cost.update(equal_time_delta_vs_plain=d, equal_time_delta_vs_plain_sd=d_sd)
+            by_cost["equal_time_seeds"] = len(paired)
         rows.append(
             {
                 "arm": arm.name,
@@ -337,18 +353,22 @@ def summarise(results: list[dict], arms: list[Arm], costs: dict) -> list[dict]:
                 "val_loss_at_equal_seconds": at_t,
                 "val_loss_at_equal_seconds_sd": at_t_sd,
                 "tokens_per_second": runs[0]["tokens"] / secs,
+                **by_cost,
             }
         )
     return rows
 
 
+def signed_cell(mean: float, sd: float, seeds: int) -> str:
+    """A paired Δ as mean ± sd (n seeds); the sd is left out for one seed."""
+    return f"{mean:+.4f}" + ("" if math.isnan(sd) else f" ± {sd:.4f}") + f" ({seeds})"
+
+
 def delta_cell(row: dict, ref: str) -> str:
-    """Paired Δ as mean ± sd (n seeds); — for the reference itself or when the reference has not run."""
+    """Paired Δ against ``ref``; — for the reference itself or when the reference has not run."""
     if row["arm"] == ref or not row.get(f"delta_vs_{ref}_seeds"):
         return "—"
-    sd = row[f"delta_vs_{ref}_sd"]
-    mean = f"{row[f'delta_vs_{ref}']:+.4f}" + ("" if math.isnan(sd) else f" ± {sd:.4f}")
-    return f"{mean} ({row[f'delta_vs_{ref}_seeds']})"
+    return signed_cell(row[f"delta_vs_{ref}"], row[f"delta_vs_{ref}_sd"], row[f"delta_vs_{ref}_seeds"])
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -359,14 +379,28 @@ def markdown(rows: list[dict], meta: dict) -> str:
         + f" | train s | val loss at {rows[0]['equal_seconds']:.0f} s | tokens/s |",
         "| --- " * (10 + len(refs)) + "|",
     ]
+    by_cost = any("equal_time_step" in r for r in rows)
+    if by_cost:  # read at equal time by the measured step cost (summarise)
+        lines[0] += " at plain's time by step cost: step | val loss | Δ vs plain (paired) |"
+        lines[1] += " --- | --- | --- |"
     for r in rows:
+        cost_cells = " — | — | — |" if by_cost else ""
+        if "equal_time_step" in r:
+            delta = (
+                "—"
+                if r["arm"] == "plain"
+                else signed_cell(
+                    r["equal_time_delta_vs_plain"], r["equal_time_delta_vs_plain_sd"], r["equal_time_seeds"]
+                )
+            )
+            cost_cells = f" {r['equal_time_step']:.0f} | {r['val_loss_at_equal_time']:.4f} | {delta} |"
         lines.append(
             f"| {r['arm']} | {r['what']} | {r['params'] / 1e6:.3f}M ({r['params_non_embedding'] / 1e6:.3f}M) "
             f"| {r['train_flops_per_token'] / 1e6:.2f}M | {r['steps']} | {r['seeds']} | "
             f"{pm(r['val_loss'], r['val_loss_sd'])} | "
             + " | ".join(delta_cell(r, ref) for ref in refs)
             + f" | {r['train_seconds']:.0f} | {pm(r['val_loss_at_equal_seconds'], r['val_loss_at_equal_seconds_sd'])} "
-            f"| {r['tokens_per_second']:,.0f} |"
+            f"| {r['tokens_per_second']:,.0f} |" + cost_cells
         )
     return "\n".join(lines) + "\n"
 
@@ -468,7 +502,27 @@ def too_few_evals(steps: int, evals: int, batches_per_pass: int) -> str | None:
     )
 
 
-def print_step_times(args, p: argparse.ArgumentParser) -> int:
+# what a step's cost depends on: a --step_times measurement stands for the runs made with the same values
+STEP_COST_SETTINGS = (
+    *("d_model", "n_layers", "n_heads", "ilt_dim", "ilt_rank", "seq_len", "batch_size", "vocab_size"),
+    *("amp", "threads"),
+)
+
+
+def step_costs_for(out: Path, stem: str, args, vocab_size: int) -> dict[str, float] | None:
+    """The arms' step cost relative to plain measured by ``--step_times`` under the runs' own conditions (one
+    thread, fp32, their model and batch), or None when none was."""
+    path = out / f"{stem}_step_times.json"
+    if not path.exists():
+        return None
+    measured = json.loads(path.read_text())
+    runs = {k: getattr(args, k) for k in STEP_COST_SETTINGS} | dict(
+        vocab_size=vocab_size, amp=False, threads=1
+    )
+    return measured["cpu_vs_plain"] if measured["settings"] == runs else None
+
+
+def print_step_times(args, p: argparse.ArgumentParser, stem: str) -> int:
     base = dict(vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                 ilt_dim=args.ilt_dim, ilt_rank=args.ilt_rank, max_seq_len=args.seq_len)  # fmt: skip
     wanted = args.arms.split(",")
@@ -477,6 +531,14 @@ def print_step_times(args, p: argparse.ArgumentParser) -> int:
     arms = [Arm(a.name, a.what, matched_plain(base, args.seq_len)) if a.name == "plain+" else a
             for a in VARIANTS if a.name in wanted]  # fmt: skip
     rows = step_times(base, arms, args)
+    settings = {k: getattr(args, k) for k in STEP_COST_SETTINGS}
+    costs_file = Path(args.out_dir) / f"{stem}_step_times.json"
+    costs = json.loads(costs_file.read_text()) if costs_file.exists() else {}
+    if costs.get("settings") != settings:
+        costs = {"settings": settings, "machine": machine(), "cpu_vs_plain": {}}
+    costs["cpu_vs_plain"].update({r["arm"]: r["cpu_vs_plain"] for r in rows})
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    costs_file.write_text(json.dumps(costs, indent=1) + "\n")  # the runs' table reads equal time from it
     print(
         f"\n{machine()} | {args.threads} thread(s), {'bf16 autocast' if args.amp else 'fp32'}, batch "
         f"{args.batch_size} x {args.seq_len}, d_model {args.d_model} / {args.n_layers} layers, vocab "
@@ -561,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out_dir = str(Path(args.work_dir) / "smoke")
     stem = "ablation" if args.scale == "reduced" else f"ablation_{args.scale}"
     if args.step_times:  # no data needed: one random batch
-        return print_step_times(args, p)
+        return print_step_times(args, p, stem)
 
     work, out = Path(args.work_dir), Path(args.out_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -688,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    rows = summarise(results, arms, costs)
+    rows = summarise(results, arms, costs, step_costs_for(out, stem, args, tokenizer.vocab_size))
     meta = {
         "command": "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),

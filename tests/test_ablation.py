@@ -133,3 +133,24 @@ def test_one_seed_shows_no_spread_rather_than_a_zero_one():
     assert math.isnan(depth["delta_vs_plain_sd"]) and depth["delta_vs_plain"] == pytest.approx(-0.05)
     row = ablation.markdown([plain, depth], {}).splitlines()[-1]
     assert "| 3.4500 |" in row and "| -0.0500 (1) |" in row and "±" not in row
+
+
+def test_equal_time_by_measured_step_cost_reads_the_slower_arm_earlier_on_its_curve():
+    arms = [ablation.Arm("plain", "", {"n_layers_ilt": 0}), ablation.Arm("depth", "", {"ilt_kind": "depth"})]
+    # both ran 2 steps; depth's step costs 4/3 of plain's, so in plain's time it reaches step 1.5
+    results = [_run("plain", 0, 3.5, 10.0), _run("depth", 0, 3.4, 99.0), _run("plain", 1, 3.6, 10.0),
+               _run("depth", 1, 3.4, 99.0)]  # fmt: skip
+    cost = {"params": 2, "params_non_embedding": 1, "train_flops_per_token": 3}
+    plain, depth = ablation.summarise(
+        results, arms, {"plain": cost, "depth": cost}, {"plain": 1.0, "depth": 4 / 3}
+    )
+    assert depth["equal_time_step"] == pytest.approx(1.5)
+    assert depth["val_loss_at_equal_time"] == pytest.approx(3.9)  # half-way between 4.4 and 3.4
+    assert depth["equal_time_delta_vs_plain"] == pytest.approx((0.4 + 0.3) / 2)  # paired with plain's end
+    assert plain["val_loss_at_equal_time"] == pytest.approx(3.55)
+    row = ablation.markdown([plain, depth], {}).splitlines()[-1]
+    assert row.endswith("| 2 | 3.9000 | +0.3500 ± 0.0707 (2) |")
+    # without a measurement the table has no such columns
+    assert "step cost" not in ablation.markdown(
+        ablation.summarise(results, arms, {"plain": cost, "depth": cost}), {}
+    )
