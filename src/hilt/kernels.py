@@ -216,8 +216,9 @@ class _DepthMix(torch.autograd.Function):
         grad_static, grad_a, grad_x = torch.empty_like(static), torch.empty_like(a), None
         for w in range(static.size(0)):
             g, g_dynamic = grad[:, w].unsqueeze(1), grad_dynamic[:, w].unsqueeze(1)  # (N, 1, C)
-            grad_static[w] = (g * x).sum(dim=0)
-            grad_a[:, w] = (g_dynamic * x).sum(dim=-1)
+            g_x = g * x  # (N, S, C): both the static weights' and the attention's gradient read it
+            grad_static[w] = g_x.sum(dim=0)
+            grad_a[:, w] = g_x @ gate[w]  # Σ_c g ⊙ gate ⊙ x
             term = a[:, w].unsqueeze(-1) * g_dynamic + static[w] * g  # (N, S, C)
             grad_x = term if grad_x is None else grad_x.add_(term)
         # through the softmax, then the scaled dot products
