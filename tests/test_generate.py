@@ -211,7 +211,7 @@ def test_the_decoding_copy_is_built_once_and_rebuilt_when_the_weights_change():
     model.load_state_dict(other.state_dict())
     same, after_load = features_agree()
     assert same and after_load is not after_step
-    assert torch.equal(decoding_weights(model, torch.bfloat16)[1], other.head.weight.bfloat16())
+    assert torch.equal(decoding_weights(model, torch.bfloat16)[1].weight, other.head.weight.bfloat16())
     # an in-place edit that goes through neither: caught by the sampled checksum
     with torch.no_grad():
         model.layers[1].ff.fc.weight.mul_(2)
@@ -400,11 +400,9 @@ def test_cli_runs_the_head_in_trainings_autocast_dtype_and_no_amp_keeps_fp32(che
     real = engine_module.Engine.start
 
     def spying_start(engine):
-        seen.append(
-            (engine.compute_dtype, engine.head_weight.dtype if hasattr(engine, "head_weight") else None)
-        )
+        seen.append((engine.compute_dtype, engine.head.weight.dtype if hasattr(engine, "head") else None))
         result = real(engine)
-        seen[-1] = (engine.compute_dtype, engine.head_weight.dtype)
+        seen[-1] = (engine.compute_dtype, engine.head.weight.dtype)
         return result
 
     monkeypatch.setattr(engine_module.Engine, "start", spying_start)

@@ -293,3 +293,41 @@ def test_the_decoding_copy_runs_the_batched_step_through_the_kernel_with_the_ref
         reference = step()
         assert len(calls) == c.n_layers
     assert (fast - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_a_packed_bf16_linear_gives_onednns_bits_and_follows_the_onednn_switch():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layer = kernels.MixedDtypeLinear(256, 48).to(torch.bfloat16)
+    inputs = [torch.randn(*shape) for shape in ((1, 256), (3, 256), (2, 5, 256))]  # fp32, cast by the layer
+
+    def outputs(onednn: bool) -> tuple[list[torch.Tensor], bool]:
+        before = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = onednn  # off: what hilt.decoding.without_onednn does for one row
+        try:
+            with torch.no_grad(), Ops() as ops:
+                out = [layer(x) for x in inputs]
+        finally:
+            torch.backends.mkldnn.enabled = before
+        return out, any("_linear_pointwise" in name for name in ops.names)
+
+    (plain, _), (plain_without_onednn, _) = outputs(True), outputs(False)
+    layer.pack()
+    if layer.packed is None:
+        pytest.skip("no oneDNN bf16 path on this machine")
+    packed, used = outputs(True)
+    assert used and all(torch.equal(a, b) for a, b in zip(packed, plain, strict=True))
+    packed, used = outputs(
+        False
+    )  # single-row steps keep torch's own GEMV: faster with the weights out of cache
+    assert not used and all(torch.equal(a, b) for a, b in zip(packed, plain_without_onednn, strict=True))
+    assert kernels.onednn_packed(torch.randn(4, 4)) is None  # fp32 keeps torch's matmul

@@ -56,11 +56,12 @@ def lowered_copy(model: HierarchicalTransformer, dtype: torch.dtype) -> Hierarch
                 module.__class__ = MixedDtypeLinear
                 for name, param in list(module.named_parameters(recurse=False)):
                     setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+                module.pack()
     return lowered
 
 
 # --- the decoding copy, kept between calls -------------------------------------------------------------------
-# A lowered copy (and the head's bf16 weight) stays valid while the model's matrices keep their values. How a
+# A lowered copy (and the head's bf16 copy) stays valid while the model's matrices keep their values. How a
 # stale copy is noticed, without torch's private Tensor._version:
 # - every optimizer step in the process bumps a counter (torch's public hook common to all optimizers): training
 #   steps are how weights change between two samples, and one rebuild (~31 ms) after a step costs nothing next
@@ -109,12 +110,13 @@ def _fingerprint(model: HierarchicalTransformer) -> tuple:
 
 def decoding_weights(
     model: HierarchicalTransformer, compute_dtype: torch.dtype | None
-) -> tuple[HierarchicalTransformer, torch.Tensor]:
-    """The module that decodes and the LM head's weight: the model itself and its head for ``compute_dtype``
-    None, else ``lowered_copy`` and a copy of the head in that dtype, built once per model and dtype and rebuilt
-    when the model's weights change (see above)."""
+) -> tuple[HierarchicalTransformer, nn.Linear]:
+    """The module that decodes and the LM head that turns its hidden states (B, C) into logits (B, V): the model
+    itself and its head for ``compute_dtype`` None, else ``lowered_copy`` and a copy of the head in that dtype
+    (a packed ``MixedDtypeLinear``, which casts the fp32 hidden states), built once per model and dtype and
+    rebuilt when the model's weights change (see above)."""
     if compute_dtype is None:
-        return model, model.head.weight.detach()
+        return model, model.head
     fingerprint = _fingerprint(model)
     with _cache_lock:
         if model not in _decoding_cache:
@@ -125,7 +127,10 @@ def decoding_weights(
             # Decoding one token reads every LM-head weight (12.9 M at GPT-2's vocabulary) for a matrix-vector
             # product: memory-bound, so a bf16 copy halves the bytes (measured 6.4 -> 1.7 ms per token on CPU).
             with torch.inference_mode(False), torch.no_grad():
-                head = model.head.weight.detach().to(compute_dtype)
+                weight = model.head.weight.detach().to(compute_dtype)
+                head = MixedDtypeLinear(weight.size(1), weight.size(0), bias=False, device="meta")
+                head.weight = nn.Parameter(weight, requires_grad=False)
+                head.pack()
             entry = (fingerprint, lowered_copy(model, compute_dtype), head)
             _decoding_cache[model][compute_dtype] = entry
     return entry[1], entry[2]

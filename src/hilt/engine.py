@@ -35,7 +35,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from hilt.decoding import decoding_weights, without_onednn
 from hilt.generate import TextStreamer, context_start, sample_next_token
@@ -147,7 +146,7 @@ class Engine:
             raise ValueError("the engine decodes with the model in eval mode: call model.eval() first")
         c = self.model.config
         # the bf16 copy of the layers and the head is built here, once, not per request
-        self.decoder, self.head_weight = decoding_weights(self.model, self.compute_dtype)
+        self.decoder, self.head = decoding_weights(self.model, self.compute_dtype)
         self.cache = SlotCache(
             c.n_layers,
             self.n_slots,
@@ -438,7 +437,7 @@ class Engine:
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, C) -> (B, V) fp32, as hilt.generate computes it."""
-        return F.linear(hidden.to(self.head_weight.dtype), self.head_weight).float()
+        return self.head(hidden).float()
 
     def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
         greedy = logits.argmax(dim=-1).tolist()

@@ -110,7 +110,7 @@ class _Context:
         longest: int,
         compute_dtype: torch.dtype | None,
     ):
-        self.model, self.head_weight = decoding_weights(model, compute_dtype)
+        self.model, self.head = decoding_weights(model, compute_dtype)
         self.max_seq_len = model.config.max_seq_len
         # the cache never holds more than one window, nor more than the sequences will ever be long
         self.cache = KVCache(model.config.n_layers, min(self.max_seq_len, longest)) if use_cache else None
@@ -132,7 +132,7 @@ class _Context:
         with without_onednn(tokens.device, new.numel()):
             # only the last position needs the head
             hidden = self.model.features(new, cache=cache)[:, -1]  # (B, C)
-            return F.linear(hidden.to(self.head_weight.dtype), self.head_weight).float()
+            return self.head(hidden).float()
 
     def reorder(self, rows: torch.Tensor) -> None:
         """The sequences were replaced by ``tokens[rows]`` (beam search); keep the cache in step."""
