@@ -19,7 +19,9 @@ asked for, and the padding waste is reported. The HF model is the same HILT mode
 as a second row (HF's speed on a plain model of its own), or stands alone when `hilt.hf` is missing.
 
 Time to first token: a short request (8 prompt tokens, 16 new) submitted while 15 long ones (200-token prompts,
-256 new) are decoding, against the same request on an idle engine; median of --ttft_runs.
+256 new) are decoding, against the same request on an idle engine; median of --ttft_runs. The loaded request
+arrives at a uniformly random moment of a decoding step, so its wait for that step to end varies from none to a
+whole step: 5 samples gave medians from 2.0x to 3.6x on one thread in one afternoon, hence 15 by default.
 
 Batch 1: one 8-token prompt, --new_tokens greedy tokens, the engine against `hilt.generate` (cached), in bf16 and in
 fp32, and fp32 without ILTs (n_layers_ilt=0) to show what the ILTs cost per token; plus the number of torch
@@ -237,7 +239,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64, help="requests in the workload (default 64)")
     p.add_argument("--new_tokens", type=int, default=100, help="batch-1 new tokens (default 100)")
     p.add_argument("--rounds", type=int, default=3, help="batch-1 timed rounds (default 3)")
-    p.add_argument("--ttft_runs", type=int, default=5, help="time-to-first-token repeats (default 5)")
+    p.add_argument("--ttft_runs", type=int, default=15, help="time-to-first-token repeats (default 15)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no_hf", action="store_true", help="skip the Hugging Face rows")
