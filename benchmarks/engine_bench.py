@@ -21,7 +21,7 @@ as a second row (HF's speed on a plain model of its own), or stands alone when `
 Time to first token: a short request (8 prompt tokens, 16 new) submitted while 15 long ones (200-token prompts,
 256 new) are decoding, against the same request on an idle engine; median of --ttft_runs. The loaded request
 arrives at a uniformly random moment of a decoding step, so its wait for that step to end varies from none to a
-whole step: 5 samples gave medians from 2.0x to 3.6x on one thread in one afternoon, hence 15 by default.
+whole step: 5-sample medians ranged from 2.6x to 3.6x in one morning on this machine, hence 15 by default.
 
 Batch 1: one 8-token prompt, --new_tokens greedy tokens, the engine against `hilt.generate` (cached), in bf16 and in
 fp32, and fp32 without ILTs (n_layers_ilt=0) to show what the ILTs cost per token; plus the number of torch
