@@ -23,14 +23,24 @@ import platform
 import sys
 from collections.abc import Iterator
 
-# mallopt parameters and their glibc defaults (malloc.h, mallopt(3))
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+# mallopt parameters (malloc.h, mallopt(3))
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_DEFAULT_MMAP_MAX = 65536
+# the ceiling of glibc's self-adjusting mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX), which it also
+# raises the trim threshold to twice of
+_MMAP_THRESHOLD_CEILING = 32 * 2**20
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int
 # where a process can have set them before us: glibc's tunables, and its older environment variables
-_TUNABLES = {_M_TRIM_THRESHOLD: "glibc.malloc.trim_threshold", _M_MMAP_MAX: "glibc.malloc.mmap_max"}
-_ENVIRONMENT = {_M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", _M_MMAP_MAX: "MALLOC_MMAP_MAX_"}
-_DEFAULTS = {_M_TRIM_THRESHOLD: _DEFAULT_TRIM_THRESHOLD, _M_MMAP_MAX: _DEFAULT_MMAP_MAX}
+_TUNABLES = {
+    _M_TRIM_THRESHOLD: "glibc.malloc.trim_threshold",
+    _M_MMAP_THRESHOLD: "glibc.malloc.mmap_threshold",
+    _M_MMAP_MAX: "glibc.malloc.mmap_max",
+}
+_ENVIRONMENT = {
+    _M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_",
+    _M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
+    _M_MMAP_MAX: "MALLOC_MMAP_MAX_",
+}
 
 OPT_OUT = "HILT_RETURN_FREED_MEMORY"  # set to 1 to keep glibc's defaults
 
@@ -42,21 +52,35 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
-def values_at_start() -> dict[int, int]:
-    """The mallopt values this process started with. glibc has no call that reads them back, so they are taken
-    from where glibc itself read them at start-up (GLIBC_TUNABLES, then the MALLOC_*_ variables), else its
-    documented defaults. Code that calls mallopt itself (nothing in HILT outside this module) is not seen."""
+def _set_at_start() -> dict[int, int]:
+    """The mallopt values set for this process before it started: GLIBC_TUNABLES, then the older MALLOC_*_
+    variables, where glibc itself reads them at start-up. Malformed values are left out, as glibc ignores them."""
     tunables = dict(
         item.split("=", 1) for item in os.environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item
     )
     values = {}
-    for param, default in _DEFAULTS.items():
+    for param in _TUNABLES:
         text = tunables.get(_TUNABLES[param], os.environ.get(_ENVIRONMENT[param]))
-        try:
-            values[param] = int(text, 0) if text else default
-        except ValueError:  # glibc ignores a malformed value too
-            values[param] = default
+        with contextlib.suppress(TypeError, ValueError):
+            values[param] = int(text, 0)
     return values
+
+
+def values_after() -> dict[int, int]:
+    """The limits set when the outermost block ends: those the user set (``_set_at_start``), else the state that
+    glibc's own adjustment reaches in a process that frees large blocks, as every torch process does: blocks up to
+    32 MB served from the heap, its top returned to the OS past 64 MB free.
+
+    Not glibc's start values (128 KB for both): any mallopt call ends that adjustment for good, so those would
+    stay fixed, every block over 128 KB would be mapped and zeroed afresh at each use, and a 16-row decoding step
+    after training took 71.5 ms instead of 25.6 (16,000 page faults a step instead of none)."""
+    user = _set_at_start()
+    mmap_threshold = user.get(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_CEILING)
+    return {
+        _M_MMAP_THRESHOLD: mmap_threshold,
+        _M_TRIM_THRESHOLD: user.get(_M_TRIM_THRESHOLD, 2 * mmap_threshold),
+        _M_MMAP_MAX: user.get(_M_MMAP_MAX, _DEFAULT_MMAP_MAX),
+    }
 
 
 _depth = 0  # nested blocks: only the outermost one sets and restores
@@ -65,10 +89,9 @@ _depth = 0  # nested blocks: only the outermost one sets and restores
 @contextlib.contextmanager
 def freed_memory_kept() -> Iterator[bool]:
     """Within the block, freed memory stays in the process for the next allocation (glibc only; elsewhere, or with
-    HILT_RETURN_FREED_MEMORY=1, nothing changes). Yields whether the setting is in effect. Afterwards the limits
-    the process started with are back (``values_at_start``) and the free memory is returned to the OS at once.
-    One thing cannot be restored: any mallopt call freezes glibc's self-adjusting mmap threshold at the value it
-    had reached (128 KB to 32 MB)."""
+    HILT_RETURN_FREED_MEMORY=1, nothing changes). Yields whether the setting is in effect. Afterwards the free
+    memory is returned to the OS at once and the limits are ``values_after``'s: the user's, or those glibc's
+    self-adjustment would have reached (which the block's mallopt calls switched off for good)."""
     global _depth
     libc = _glibc()
     if libc is None:
@@ -83,6 +106,6 @@ def freed_memory_kept() -> Iterator[bool]:
     finally:
         _depth -= 1
         if _depth == 0:
-            for param, value in values_at_start().items():
+            for param, value in values_after().items():
                 libc.mallopt(param, value)
             libc.malloc_trim(0)
