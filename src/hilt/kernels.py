@@ -275,8 +275,8 @@ def depth_mix(
     (B, T, r)), the sources (S of (B, T, C)) and its gate (w, C) and static weights (w, S, C). Computed in the
     parameters' dtype (fp32 under autocast too: the weights over S <= n_layers + 1 sources are few; the
     sources are the fp32 residual stream's). Training only: decoding keeps the reference, which has no backward
-    to pay for. Fwd + bwd of a training step, fp32, 1 thread, batch 16 x 64, d_model 128 / 4 layers: the depth
-    kind's step 1.34x -> 1.20x plain's (benchmarks/ablation.py --step_times)."""
+    to pay for. The depth kind's training step against plain's (benchmarks/ablation.py --step_times, one thread):
+    1.32x -> 1.26x at d_model 128 / 4 layers in fp32, 1.29x -> 1.10x at bench.py's model in bf16 (docs/performance.md)."""
     B, T, W, r = q.shape
     dtype = static.dtype
     with torch.autocast(q.device.type, enabled=False):
