@@ -35,30 +35,20 @@ FLAGS = [
 ]
 
 
+def torchrun(record_dir, *flags: str) -> subprocess.CompletedProcess:
+    """`hilt train` with FLAGS and ``flags`` under torchrun, 2 CPU processes; ranks record into ``record_dir``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ddp_worker.py"), str(record_dir), *FLAGS, *flags]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_agree_write_once_and_interoperate_with_single_process(tmp_path):
     out = tmp_path / "run"
     # 1. a single-process epoch, 2. resumed under DDP for a second, 3. resumed single-process again
     assert main(["train", *FLAGS, "--epochs", "1", "--out_dir", str(out)]) == 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(REPO / "tests" / "ddp_worker.py"),
-        str(tmp_path),
-        *FLAGS,
-        "--epochs",
-        "2",
-        "--out_dir",
-        str(out),
-        "--resume",
-        str(out / "last_model.pt"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun(tmp_path, "--epochs", "2", "--out_dir", str(out), "--resume", str(out / "last_model.pt"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Epoch 2/2 Summary:") == 1  # only rank 0 prints
     assert "Effective batch: 8 x 1 accumulation x 2 process(es) = 16 sequences" in proc.stdout
@@ -89,33 +79,14 @@ def test_torchrun_two_processes_agree_write_once_and_interoperate_with_single_pr
 @pytest.mark.parametrize("kind", ["depth", "depth_multiway", "x0"])
 def test_every_history_ilt_kind_trains_under_torchrun_with_identical_replicas(tmp_path, kind):
     # DDP refuses a step in which a parameter got no gradient; a kind whose last mixture fed nothing would fail here
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(REPO / "tests" / "ddp_worker.py"),
-        str(tmp_path),
-        *FLAGS,
-        "--max_tokens",
-        "1500",
-        "--ilt_kind",
-        kind,
-        "--ilt_rank",
-        "8",
-        "--epochs",
-        "1",
-        "--out_dir",
-        str(tmp_path / "run"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun(tmp_path, "--max_tokens", "1500", "--ilt_kind", kind, "--ilt_rank", "8", "--epochs", "1",
+                    "--out_dir", str(tmp_path / "run"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     # the kinds start at exactly 0 (the plain model): weights off zero show that DDP carried their gradients
-    learned = [name for name in r0["weights"] if name.startswith("ilts.") and name.endswith((".static", ".gate"))]
+    learned = [
+        name for name in r0["weights"] if name.startswith("ilts.") and name.endswith((".static", ".gate"))
+    ]
     assert learned and all(r0["weights"][name].abs().sum() > 0 for name in learned), learned
     for name, tensor in r0["weights"].items():
         assert torch.equal(tensor, r1["weights"][name]), name
