@@ -48,12 +48,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import math
 import multiprocessing as mp
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -204,12 +206,23 @@ def train_bpe(text_file: Path, out_dir: Path, vocab_size: int, val_fraction: flo
 # --- one run (in a worker process) ---------------------------------------------------------------------------
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """Pool initializer. A worker outlives a killed parent (kill, a closed terminal) and trains on into its run
+    folder, which a rerun with --resume deletes and recreates under it; on Linux the kernel ends it instead."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before prctl: nobody would read this worker's results
+            os._exit(1)
+
+
 def run_one(task: dict) -> dict:
     """Trains one (arm, seed) with the real Trainer, validating ``evals`` times along the way."""
     torch.set_num_threads(1)  # one run per core: small matmuls gain nothing from a second thread
     work, seed, evals = Path(task["work"]), task["seed"], task["evals"]
     run_dir = work / "runs" / f"{task['arm']}-s{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if run_dir.exists():  # an interrupted run's folder: unfinished runs start again from step 0
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     train_tokens = np.load(work / "train.npy", mmap_mode="r")
     val_tokens = np.load(work / "val.npy", mmap_mode="r")
@@ -738,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t for t in tasks if (t["arm"], t["seed"]) not in done]
     # --arms and --seeds choose what runs now; the table reports every finished run of the chosen arms
     results = [r for r in results if r["arm"] in wanted]
-    with mp.get_context("spawn").Pool(args.workers) as pool:
+    with mp.get_context("spawn").Pool(args.workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         for r in pool.imap_unordered(run_one, tasks):
             r["settings"] = settings
             results.append(r)
