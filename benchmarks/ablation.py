@@ -30,7 +30,8 @@ curriculum 0.01 -> 0.1):
              its path to the embedding has not shown that attending over layers adds anything;
   depth      ilt_kind depth: per-token attention over the embedding and every layer's contribution + static
              per-source weights (rank ilt_rank, 32);
-  depth_multiway  ilt_kind depth_multiway: depth with a second stream into the next layer's attention input.
+  depth_multiway  ilt_kind depth_multiway: depth with a second stream into the next layer's attention input;
+  dense      ilt_kind dense: depth's static per-source weights alone (DenseFormer), no attention, x0's cost.
 Deltas are paired by seed (same data order, same main-layer initialisation) against plain and against x0.
 
 Equal cost: each arm gets ``--budget`` training FLOPs, counted analytically by ``hilt.flops`` (PaLM's convention:
@@ -103,6 +104,7 @@ VARIANTS = [
     Arm("x0", "plain + x0 mixing (ilt_kind x0)", {"ilt_kind": "x0"}),
     Arm("depth", "attention over the layer history", {"ilt_kind": "depth"}),
     Arm("depth_multiway", "depth + a stream into the next attention", {"ilt_kind": "depth_multiway"}),
+    Arm("dense", "static weights over the layer history (ilt_kind dense)", {"ilt_kind": "dense"}),
 ]
 
 SCALES = {

@@ -30,9 +30,10 @@ REDUCED = dict(vocab_size=1024, d_model=128, n_layers=4, n_heads=4, ilt_dim=64, 
         {"ilt_window": 3},
         {"ilt_kind": "depth", "ilt_rank": 8},
         {"ilt_kind": "depth_multiway", "ilt_rank": 8},
+        {"ilt_kind": "dense"},
         {"ilt_kind": "x0"},
     ],
-    ids=["hilt", "plain", "embed", "gate", "window3", "depth", "depth_multiway", "x0"],
+    ids=["hilt", "plain", "embed", "gate", "window3", "depth", "depth_multiway", "dense", "x0"],
 )
 def test_analytic_flops_equal_torchs_count(overrides):
     config = ablation.model_config(TINY, overrides)

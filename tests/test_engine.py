@@ -93,7 +93,7 @@ def test_greedy_rows_equal_generate_alone_whatever_else_is_in_the_batch(dtype):
     assert stats["running"] == stats["waiting"] == 0 and stats["finished"]["cancelled"] == 1
 
 
-@pytest.mark.parametrize("kind", ["depth", "depth_multiway", "x0"])
+@pytest.mark.parametrize("kind", ["depth", "depth_multiway", "dense", "x0"])
 def test_every_ilt_kind_decodes_in_batches_as_alone(kind):
     model = tiny_model(ilt_kind=kind, ilt_window=2)
     with torch.no_grad():  # these kinds start as the plain model (zero-initialised): give them a say

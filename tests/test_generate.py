@@ -33,7 +33,7 @@ def tiny_model(**overrides) -> HierarchicalTransformer:
     return model
 
 
-EVERY_ILT_KIND = ["design", "depth", "depth_multiway", "x0"]
+EVERY_ILT_KIND = ["design", "depth", "depth_multiway", "dense", "x0"]
 
 
 def greedy(model, ids, n, **kw):

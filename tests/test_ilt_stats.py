@@ -163,7 +163,7 @@ def test_history_kind_stats_average_the_attention_over_sources():
     assert stats["static"][0][0] == pytest.approx(model.ilts[0].static[0].abs().mean(-1).tolist(), rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["depth", "depth_multiway", "x0"])
+@pytest.mark.parametrize("kind", ["depth", "depth_multiway", "dense", "x0"])
 def test_history_kind_trains_resumes_evaluates_generates_and_inspects(tmp_path, capsys, monkeypatch, kind):
     from hilt import train as train_module
     from hilt.checkpoint import load_checkpoint
@@ -212,6 +212,6 @@ def test_history_kind_trains_resumes_evaluates_generates_and_inspects(tmp_path, 
     printed = capsys.readouterr().out
     assert "ILT 2 (after layer 2, reads emb, L1, L2)" in printed and out.stat().st_size > 5000
     assert train(tmp_path / "bad", "--ilt_kind", "deep") == 2
-    assert "ilt_kind must be one of design, depth, depth_multiway, x0; got 'deep'" in capsys.readouterr().err
+    assert "ilt_kind must be one of design, depth, depth_multiway, dense, x0; got 'deep'" in capsys.readouterr().err
     assert train(tmp_path / "bad", "--ilt_kind", "depth", "--ilt_rank", "33") == 2  # x0 has no rank
     assert "ilt_rank (33) must be at most d_model (32)" in capsys.readouterr().err

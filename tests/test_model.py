@@ -191,7 +191,7 @@ def test_positions_and_a_mask_make_a_left_padded_row_equal_the_row_alone():
 
 # --- the ILT kinds that read the whole layer history ---------------------------------------------------------
 
-HISTORY_KINDS = ["depth", "depth_multiway", "x0"]
+HISTORY_KINDS = ["depth", "depth_multiway", "dense", "x0"]
 
 
 def history_model(kind: str, **overrides) -> HierarchicalTransformer:
@@ -205,7 +205,7 @@ def history_model(kind: str, **overrides) -> HierarchicalTransformer:
 
 def test_ilt_kind_and_rank_are_validated_with_the_allowed_values_named():
     with pytest.raises(
-        ValueError, match="ilt_kind must be one of design, depth, depth_multiway, x0; got 'deep'"
+        ValueError, match="ilt_kind must be one of design, depth, depth_multiway, dense, x0; got 'deep'"
     ):
         ModelConfig(vocab_size=10, ilt_kind="deep")
     with pytest.raises(ValueError, match=r"ilt_rank \(300\) must be at most d_model \(256\)"):
@@ -276,6 +276,28 @@ def test_depth_module_computes_its_diagram():
     # keys already made are reused, not recomputed: a module keys only the sources that are new to it
     (again,), _ = ilt(h, sources, [k[:, :, s] * 0 for s in range(3)])
     assert not torch.allclose(again, mod)
+
+
+def test_dense_is_the_depth_kind_without_its_attention():
+    """dense: modulation = sum_s static_s * source_s over every source so far; the depth kind with its gate at 0
+    and the same static weights computes the same model."""
+    dense = history_model("dense")
+    with torch.no_grad():
+        for ilt in dense.ilts:
+            ilt.static.normal_()
+    ilt = dense.ilts[2]
+    sources = [torch.randn(2, 4, 32) for _ in range(4)]
+    (mod,), _ = ilt(torch.randn(2, 4, 32), sources, [])
+    assert (mod - sum(ilt.static[0, s] * sources[s] for s in range(4))).abs().max() < 1e-5
+    depth = history_model("depth")
+    state = depth.state_dict()
+    state.update((k, v) for k, v in dense.state_dict().items())
+    depth.load_state_dict(state)
+    with torch.no_grad():
+        for module in depth.ilts:
+            module.gate.zero_()
+    idx = torch.randint(0, 97, (2, 8))
+    assert torch.allclose(depth(idx), dense(idx), atol=1e-5)
 
 
 def test_multiway_feeds_the_next_attention_its_own_stream():

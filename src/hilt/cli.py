@@ -63,7 +63,8 @@ MODEL_FLAGS = {
         "ilt_kind",
         str,
         "inter-layer module: design (the seed's ILT), depth (attention over the embedding and every earlier "
-        "layer), depth_multiway (depth + a stream into the next attention) or x0 (x0 mixing)",
+        "layer), depth_multiway (depth + a stream into the next attention), dense (static weights over the "
+        "same sources) or x0 (x0 mixing)",
     ),
     "--ilt_rank": ("ilt_rank", int, "query/key rank of the depth kinds' attention over layers"),
 }

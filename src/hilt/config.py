@@ -13,7 +13,7 @@ N_LAYERS_ILT = 2
 ILT_DROPOUT = 0.1
 
 # which inter-layer module sits between the main layers (hilt.model builds one class per kind)
-ILT_KINDS = ("design", "depth", "depth_multiway", "x0")
+ILT_KINDS = ("design", "depth", "depth_multiway", "dense", "x0")
 ILT_RANK = 32  # query/key width of the depth kinds' attention over the layer history
 ILT_WINDOW = 2
 MODULATION_SCALE_START = 0.01
@@ -57,7 +57,8 @@ class ModelConfig:
     # "design": the seed's ILT above. The others read the whole layer history at each token, start as an exact
     # plain transformer and ignore the design-only fields (ilt_dim, nhead_ilt, ilt_window, the curriculum, ...):
     # "depth" and "depth_multiway" attend over the embedding and every earlier layer's contribution (rank
-    # ilt_rank), "x0" only adds a learned multiple of the embedding (the baseline the other two must beat)
+    # ilt_rank), "dense" adds a learned per-channel multiple of each of them (no attention), "x0" of the embedding
+    # alone (the baselines the depth kinds must beat)
     ilt_kind: str = "design"
     ilt_rank: int = ILT_RANK
 

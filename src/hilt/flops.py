@@ -26,8 +26,8 @@ def ilt_forward_flops_per_token(c: ModelConfig) -> int:
 
 def history_ilt_forward_flops_per_token(c: ModelConfig) -> int:
     """The modules of the history kinds (hilt.model.DepthAttentionILT and its relatives), per token. Their
-    static per-channel weights and the x0 kind are elementwise work, not matmuls: not counted."""
-    if c.ilt_kind == "x0":
+    static per-channel weights and the x0 and dense kinds are elementwise work, not matmuls: not counted."""
+    if c.ilt_kind in ("x0", "dense"):
         return 0
     C, r, total = c.d_model, c.ilt_rank, 0
     for i in range(c.n_layers):  # the module after main layer i reads S = i + 2 sources

@@ -103,16 +103,16 @@ STREAM_NAMES = ("residual", "next attention input")
 
 @torch.no_grad()
 def history_stats(model: HierarchicalTransformer, idx: torch.Tensor) -> dict:
-    """``ilt_stats`` for the kinds that read the whole layer history (depth, depth_multiway, x0): one module after
+    """``ilt_stats`` for the kinds that read the whole layer history (depth, depth_multiway, dense, x0): one module after
     every main layer, reading the embedding and each layer's contribution so far (its sources).
 
     Returns lists indexed by module:
       ``scale``     1.0: these kinds add their modulation as it is (no curriculum);
       ``ratio``     mean over tokens of |residual modulation| / |layer output it is added to|;
-      ``attn``      per stream, the attention over the sources averaged over tokens (empty for x0);
+      ``attn``      per stream, the attention over the sources averaged over tokens (empty for dense and x0);
       ``static``    per stream, the static weights' mean |w| over channels, per source;
       ``attn_prev`` the attention on the newest source (the layer's own contribution), averaged over streams
-                    (NaN for x0, which has no attention);
+                    (NaN for dense and x0, which have no attention);
       ``labels``    the sources' names: "emb", then "L<n>" for main layer n's contribution (1-based).
     """
     seen: dict[

@@ -5,7 +5,7 @@ Read bottom-up: positions -> attention -> feed-forward -> layer -> ILT -> whole 
 
 Shape legend: B batch, T tokens in this call, S tokens attended to (cache + new), C d_model,
 H heads, D head size (C // H), W layer window of an ILT, E ilt_dim, V vocab_size. In the history kinds' modules
-(depth, depth_multiway, x0) S is instead the number of sources (embedding + layers so far), r ilt_rank, w streams.
+(depth, depth_multiway, dense, x0) S is instead the number of sources (embedding + layers so far), r ilt_rank, w streams.
 """
 
 from __future__ import annotations
@@ -318,18 +318,21 @@ class DepthMultiwayILT(DepthAttentionILT):
         super().__init__(d_model, rank, n_sources, streams=1 if last else 2)
 
 
-class X0MixILT(nn.Module):
-    """ilt_kind "x0": no attention, the baseline the depth kinds must beat: a learned per-channel multiple of the
-    embedding added to the residual stream after every main layer (modded-nanogpt's x0 mixing)::
+class StaticMixILT(nn.Module):
+    """ilt_kinds "x0" and "dense": no attention, no per-token weights, the baselines the depth kinds must beat.
+    A learned per-channel multiple of each of the first S sources, added to the residual stream after main layer
+    i: "x0" reads the embedding alone (modded-nanogpt's x0 mixing, S = 1), "dense" every source so far
+    (DenseFormer's depth-weighted average, S = i + 2; the depth kinds' static part without their query)::
 
-        x0 (B,T,C) ─> lambda ⊙ x0 ─> modulation ;  h' = h + modulation      (lambda starts at 0)
+        x0, d_0 .. d_i ─> first S of them ─> Σ_s lambda_s ⊙ source_s ─> modulation
+        h' = h + modulation                                           (every lambda starts at 0)
     """
 
     streams = 1
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, n_sources: int):
         super().__init__()
-        self.static = nn.Parameter(torch.zeros(1, 1, d_model))  # (streams, sources, C), like the depth kinds
+        self.static = nn.Parameter(torch.zeros(1, n_sources, d_model))  # (streams, S, C), like the depth kinds
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.static)
@@ -337,13 +340,19 @@ class X0MixILT(nn.Module):
     def forward(
         self, h: torch.Tensor, sources: list[torch.Tensor], keys: list[torch.Tensor]
     ) -> tuple[tuple[torch.Tensor, ...], list[torch.Tensor]]:
-        return (self.static[0, 0] * sources[0],), keys
+        weights = self.static[0]  # (S, C)
+        modulation = weights[0] * sources[0]
+        for w, source in zip(weights[1:], sources[1 : len(weights)], strict=True):
+            modulation = torch.addcmul(modulation, w, source)
+        return (modulation,), keys
 
 
 def history_ilt(kind: str, c: ModelConfig, layer: int) -> nn.Module:
     """The module of ``kind`` that follows main layer ``layer`` (0-based)."""
     if kind == "x0":
-        return X0MixILT(c.d_model)
+        return StaticMixILT(c.d_model, 1)
+    if kind == "dense":
+        return StaticMixILT(c.d_model, layer + 2)
     if kind == "depth":
         return DepthAttentionILT(c.d_model, c.ilt_rank, layer + 2)
     return DepthMultiwayILT(c.d_model, c.ilt_rank, layer + 2, last=layer == c.n_layers - 1)
@@ -502,7 +511,7 @@ class HierarchicalTransformer(nn.Module):
     def history_layers(
         self, x: torch.Tensor, cache: KVCache | None, attn_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """The main layers with the modules of a history kind (depth, depth_multiway, x0) between them: embedded
+        """The main layers with the modules of a history kind (depth, depth_multiway, dense, x0) between them: embedded
         input (B, T, C) -> last layer's state (B, T, C), modulated. The kinds ignore modulation_scale."""
         sources, keys = [x], []  # x0, then each layer's contribution; their keys
         attn_input = None  # depth_multiway: the next attention's own input
