@@ -10,6 +10,7 @@ from hilt.generate import (
     beam_search,
     context_start,
     generate,
+    draw,
     sample_next_token,
     stream_tokens,
     top_k_filter,
@@ -78,6 +79,29 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
     assert sorted(filtered[0].isfinite().nonzero().flatten().tolist()) == sorted(order[i] for i in kept)
     # the kept tokens keep their logits, so their relative probabilities are unchanged
     assert torch.allclose(filtered[0, order[0]], probs.log()[0, order[0]])
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.05])  # a peaked row (short nucleus), a flat one (thousands of tokens)
+def test_top_p_keeps_what_a_full_sort_keeps_over_gpt2s_vocabulary(scale):
+    logits = torch.randn(3, 50260, generator=torch.Generator().manual_seed(0)) * scale
+    for p in (0.1, 0.9, 0.999):
+        sorted_probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+        needed = sorted_probs.cumsum(dim=-1) - sorted_probs < p
+        needed[:, 0] = True
+        expected = torch.zeros_like(needed).scatter(-1, order, needed)
+        assert torch.equal(top_p_filter(logits, p).isfinite(), expected)
+
+
+def test_draws_follow_the_distribution_and_never_pick_an_impossible_token():
+    probs = torch.tensor([[0.1, 0.0, 0.2, 0.3, 0.4, 0.0]]).expand(40000, -1)
+    ids = draw(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(ids, minlength=6).double() / len(ids)
+    assert counts[1] == 0 and counts[5] == 0  # zero probability, also as the last entry
+    sd = (probs[0].double() * (1 - probs[0].double()) / len(ids)).sqrt()
+    assert ((counts - probs[0].double()).abs() <= 4 * sd + 1e-12).all(), counts
+    # one row at a time with its own generator gives what the whole batch gives: each row uses one number
+    one = torch.Generator().manual_seed(0)
+    assert [int(draw(probs[:1], one)) for _ in range(5)] == ids[:5].tolist()
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator():
