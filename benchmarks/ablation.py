@@ -214,7 +214,8 @@ def die_with_parent(parent_pid: int) -> None:
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent_pid:  # the parent died before prctl: nobody would read this worker's results
+        # the parent died before prctl: nobody would read this worker's results
+        if os.getppid() != parent_pid:
             os._exit(1)
 
 
@@ -753,7 +754,9 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t for t in tasks if (t["arm"], t["seed"]) not in done]
     # --arms and --seeds choose what runs now; the table reports every finished run of the chosen arms
     results = [r for r in results if r["arm"] in wanted]
-    with mp.get_context("spawn").Pool(args.workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+    with mp.get_context("spawn").Pool(
+        args.workers, initializer=die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         for r in pool.imap_unordered(run_one, tasks):
             r["settings"] = settings
             results.append(r)

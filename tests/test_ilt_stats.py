@@ -212,6 +212,9 @@ def test_history_kind_trains_resumes_evaluates_generates_and_inspects(tmp_path, 
     printed = capsys.readouterr().out
     assert "ILT 2 (after layer 2, reads emb, L1, L2)" in printed and out.stat().st_size > 5000
     assert train(tmp_path / "bad", "--ilt_kind", "deep") == 2
-    assert "ilt_kind must be one of design, depth, depth_multiway, dense, x0; got 'deep'" in capsys.readouterr().err
+    assert (
+        "ilt_kind must be one of design, depth, depth_multiway, dense, x0; got 'deep'"
+        in capsys.readouterr().err
+    )
     assert train(tmp_path / "bad", "--ilt_kind", "depth", "--ilt_rank", "33") == 2  # x0 has no rank
     assert "ilt_rank (33) must be at most d_model (32)" in capsys.readouterr().err

@@ -332,7 +332,8 @@ class StaticMixILT(nn.Module):
 
     def __init__(self, d_model: int, n_sources: int):
         super().__init__()
-        self.static = nn.Parameter(torch.zeros(1, n_sources, d_model))  # (streams, S, C), like the depth kinds
+        # (streams, S, C), like the depth kinds
+        self.static = nn.Parameter(torch.zeros(1, n_sources, d_model))
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.static)
