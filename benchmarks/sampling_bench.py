@@ -62,10 +62,11 @@ def engine_runs(rounds: int) -> None:
     for rows, kwargs in itertools.product(
         (1, 16), ({"temperature": 1.0}, {"temperature": 0.8, "top_p": 0.95})
     ):
-        work = [
-            (torch.randint(50260, (100,)).tolist(), hilt.engine.SamplingParams(max_new_tokens=64, ignore_eos=True, seed=i, **kwargs))
+        params = [
+            hilt.engine.SamplingParams(max_new_tokens=64, ignore_eos=True, seed=i, **kwargs)
             for i in range(rows)
-        ]  # fmt: skip
+        ]
+        work = [(torch.randint(50260, (100,)).tolist(), p) for p in params]
         times = {s: [] for s in samplers}
         for i in range(rounds + 1):
             for name, sampler in samplers.items():  # taking turns

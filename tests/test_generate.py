@@ -81,9 +81,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
     assert torch.allclose(filtered[0, order[0]], probs.log()[0, order[0]])
 
 
-@pytest.mark.parametrize(
-    "scale", [8.0, 0.05]
-)  # a peaked row (short nucleus), a flat one (thousands of tokens)
+# a peaked row (a short nucleus) and a flat one (thousands of tokens)
+@pytest.mark.parametrize("scale", [8.0, 0.05])
 def test_top_p_keeps_what_a_full_sort_keeps_over_gpt2s_vocabulary(scale):
     logits = torch.randn(3, 50260, generator=torch.Generator().manual_seed(0)) * scale
     for p in (0.1, 0.9, 0.999):

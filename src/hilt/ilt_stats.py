@@ -103,8 +103,8 @@ STREAM_NAMES = ("residual", "next attention input")
 
 @torch.no_grad()
 def history_stats(model: HierarchicalTransformer, idx: torch.Tensor) -> dict:
-    """``ilt_stats`` for the kinds that read the whole layer history (depth, depth_multiway, dense, x0): one module after
-    every main layer, reading the embedding and each layer's contribution so far (its sources).
+    """``ilt_stats`` for the kinds that read the whole layer history (depth, depth_multiway, dense, x0): one
+    module after every main layer, reading the embedding and each layer's contribution so far (its sources).
 
     Returns lists indexed by module:
       ``scale``     1.0: these kinds add their modulation as it is (no curriculum);

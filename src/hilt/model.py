@@ -4,8 +4,9 @@ Inter-Layer Transformers (ILTs).
 Read bottom-up: positions -> attention -> feed-forward -> layer -> ILT -> whole model.
 
 Shape legend: B batch, T tokens in this call, S tokens attended to (cache + new), C d_model,
-H heads, D head size (C // H), W layer window of an ILT, E ilt_dim, V vocab_size. In the history kinds' modules
-(depth, depth_multiway, dense, x0) S is instead the number of sources (embedding + layers so far), r ilt_rank, w streams.
+H heads, D head size (C // H), W layer window of an ILT, E ilt_dim, V vocab_size. In the history kinds'
+modules (depth, depth_multiway, dense, x0) S is instead the number of sources (embedding + layers so far),
+r ilt_rank, w streams.
 """
 
 from __future__ import annotations
@@ -512,8 +513,8 @@ class HierarchicalTransformer(nn.Module):
     def history_layers(
         self, x: torch.Tensor, cache: KVCache | None, attn_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """The main layers with the modules of a history kind (depth, depth_multiway, dense, x0) between them: embedded
-        input (B, T, C) -> last layer's state (B, T, C), modulated. The kinds ignore modulation_scale."""
+        """The main layers with the modules of a history kind (depth, depth_multiway, dense, x0) between them:
+        embedded input (B, T, C) -> last layer's state (B, T, C), modulated. The kinds ignore modulation_scale."""
         sources, keys = [x], []  # x0, then each layer's contribution; their keys
         attn_input = None  # depth_multiway: the next attention's own input
         for i, (layer, ilt) in enumerate(zip(self.layers, self.ilts, strict=True)):
