@@ -10,6 +10,9 @@ With --engine it then runs whole requests through hilt.engine with each sampler 
 architecture, untrained, bf16 matmuls, 1 or 16 requests of 100 prompt tokens and 64 new ones at once) and prints
 the process CPU time per generated token, prefill included: what sampling costs a server. An untrained model's
 distribution is flat, so its top-p nucleus spans thousands of tokens.
+
+It also times greedy decoding's choice for 1, 16 and 64 rows at once: torch's argmax against
+hilt.kernels.greedy_tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import hilt.engine  # noqa: E402
 from hilt.generate import sample_next_token, top_k_filter  # noqa: E402
+from hilt.kernels import greedy_tokens  # noqa: E402
 from hilt.model import HierarchicalTransformer, ModelConfig  # noqa: E402
 
 SETTINGS = {
@@ -82,6 +86,23 @@ def engine_runs(rounds: int) -> None:
     hilt.engine.sample_next_token = sample_next_token
 
 
+def greedy_rows(repeats: int) -> None:
+    """Greedy decoding's choice for a whole decoding step at once: torch's argmax against hilt's chunked one."""
+    print("\n| rows | logits.argmax: us | hilt.kernels.greedy_tokens | speed-up |")
+    print("| --- | --- | --- | --- |")
+    for rows in (1, 16, 64):
+        logits = torch.randn(rows, 50260)
+        times = {"argmax": [], "greedy_tokens": []}
+        for i in range(repeats + 3):
+            for name, fn in (("argmax", lambda x: x.argmax(dim=-1)), ("greedy_tokens", greedy_tokens)):
+                t0 = time.thread_time()
+                fn(logits)
+                if i >= 3:
+                    times[name].append(time.thread_time() - t0)
+        old, new = (statistics.median(t) * 1e6 for t in times.values())
+        print(f"| {rows} | {old:.0f} | {new:.0f} | {old / new:.1f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -123,6 +144,7 @@ def main() -> None:
                     times[s].append(time.thread_time() - t0)
         old, new = (statistics.median(times[s]) * 1e6 for s in samplers)
         print(f"| {row} | {name} | {old:.0f} | {new:.0f} | {old / new:.1f}x |")
+    greedy_rows(args.repeats)
     if args.engine:
         engine_runs(args.rounds)
 

@@ -331,3 +331,21 @@ def test_a_packed_bf16_linear_gives_onednns_bits_and_follows_the_onednn_switch()
     )  # single-row steps keep torch's own GEMV: faster with the weights out of cache
     assert not used and all(torch.equal(a, b) for a, b in zip(packed, plain_without_onednn, strict=True))
     assert kernels.onednn_packed(torch.randn(4, 4)) is None  # fp32 keeps torch's matmul
+
+
+@pytest.mark.parametrize("vocab", [50260, 1024, 1000, 200])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_greedy_tokens_equals_argmax_including_ties_and_the_last_chunk(vocab, rows):
+    torch.manual_seed(vocab + rows)
+    for logits in (
+        torch.randn(rows, vocab),
+        torch.randn(rows, vocab).round(),  # many ties: the first index of the maximum wins, as argmax's
+        torch.zeros(rows, vocab),  # every entry ties
+    ):
+        for at in (None, 0, vocab - 1, 127, 128):  # the maximum alone at a chunk's edge or in the short tail
+            x = logits.clone()
+            if at is not None:
+                x[:, at] = 50.0
+            assert torch.equal(kernels.greedy_tokens(x), x.argmax(dim=-1))
+    view = torch.randn(4, vocab)[1:3]  # rows of a larger tensor, as the engine's logits are
+    assert torch.equal(kernels.greedy_tokens(view), view.argmax(dim=-1))

@@ -38,6 +38,7 @@ import torch
 
 from hilt.decoding import decoding_weights, without_onednn
 from hilt.generate import TextStreamer, context_start, sample_next_token
+from hilt.kernels import greedy_tokens
 from hilt.kv_cache import SlotCache
 from hilt.model import HierarchicalTransformer
 from hilt.request import (  # noqa: F401 (re-exported: the engine's public API)
@@ -440,7 +441,7 @@ class Engine:
         return self.head(hidden).float()
 
     def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = greedy_tokens(logits).tolist()
         now = time.perf_counter()
         for i, row in enumerate(rows):
             p = row.request.params

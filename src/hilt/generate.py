@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from hilt.decoding import decoding_weights, without_onednn
 from hilt.errors import UserError
+from hilt.kernels import greedy_tokens
 from hilt.kv_cache import KVCache
 from hilt.model import HierarchicalTransformer
 
@@ -68,7 +69,7 @@ def sample_next_token(
     """logits (B, V) -> next ids (B,). Temperature 0 is greedy (argmax); otherwise temperature, then top-k, then
     top-p, then one draw from ``generator``."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy_tokens(logits)
     logits = logits.float() / temperature
     candidates = None
     if top_k is not None and top_k < logits.size(-1):  # what top_k_filter keeps; the rest cannot be drawn

@@ -11,6 +11,7 @@ at each choice are medians from the benchmarks named there; the full tables are 
     decode_attention        one query per row over a cache, in fp32      the engine's batched bf16 decoding step
     MixedDtypeLinear        bf16 weights under fp32 activations, packed  generation's lowered copy (hilt.generate)
     depth_mix               the depth kinds' mixing, one fused backward  training the depth kinds, CPU
+    greedy_tokens           argmax over the vocabulary in chunks         greedy decoding (generate, the engine)
 
 This module imports only torch, so an exported model folder can carry it beside ``model.py``.
 """
@@ -284,6 +285,31 @@ def depth_mix(
         x = torch.stack(sources, dim=2).to(dtype).view(B * T, len(sources), -1)
         out = _DepthMix.apply(q.to(dtype).reshape(B * T, W, r), k, x, gate, static)
     return out.view(B, T, W, -1)
+
+
+# --- greedy decoding -----------------------------------------------------------------------------------------
+
+
+_GREEDY_CHUNK = 128
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` for (B, V) fp32 logits on CPU, ties and all: the first index of each row's maximum.
+
+    torch's CPU argmax is a scalar loop carrying an index (16 x 50,260 logits: 0.66 ms, a greedy decoding step's
+    largest single operator after the LM head). Here a vectorised ``amax`` finds each row's first chunk of 128
+    holding the maximum, and argmax runs over that chunk only (0.11 ms; 64 rows 2.7 -> 0.36 ms, one thread)."""
+    B, V = logits.shape
+    n = V // _GREEDY_CHUNK
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or n < 2:
+        return logits.argmax(dim=-1)
+    maxima = logits[:, : n * _GREEDY_CHUNK].unflatten(1, (n, _GREEDY_CHUNK)).amax(dim=-1)  # (B, n)
+    if n * _GREEDY_CHUNK < V:
+        maxima = torch.cat([maxima, logits[:, n * _GREEDY_CHUNK :].amax(dim=-1, keepdim=True)], dim=1)
+    first = maxima.argmax(dim=-1, keepdim=True)  # (B, 1): the first chunk reaching the row's maximum
+    # the last chunk may be short: its indices past V - 1 repeat V - 1, after it, so they never come first
+    index = (first * _GREEDY_CHUNK + torch.arange(_GREEDY_CHUNK)).clamp_max_(V - 1)  # (B, chunk)
+    return index.gather(1, logits.gather(1, index).argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
 # --- the switch ----------------------------------------------------------------------------------------------
