@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from hilt import memory
+from hilt.engine import Engine
 from hilt.memory import OPT_OUT, freed_memory_kept
+from hilt.model import HierarchicalTransformer
 from hilt.train import Trainer
+from tests.conftest import tiny_config
 from tests.test_train import train
 
 glibc_only = pytest.mark.skipif(
@@ -152,6 +155,50 @@ def test_after_the_block_blocks_below_32_mb_are_reused_not_mapped_afresh_each_ti
         pass
     pages = 4 * 2**20 // 4096
     assert sum(page_faults_of_fresh_tensors(pages)[-3:]) < pages // 10
+
+
+@glibc_only
+def test_once_an_engine_starts_blocks_that_grow_each_step_reuse_the_heap(monkeypatch):
+    # a decoding step's temporaries grow by a position per step: under glibc's self-adjustment each would be a
+    # little larger than the largest freed mapping, so mapped and faulted afresh every step
+    monkeypatch.delenv(OPT_OUT, raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    calls = []
+    libc = memory._glibc()
+    monkeypatch.setattr(memory, "_glibc", lambda: _RecordingLibc(libc, calls))
+    with Engine(HierarchicalTransformer(tiny_config()).eval(), max_slots=1):
+        pass
+    assert (memory._M_MMAP_THRESHOLD, 32 * 2**20) in calls
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    faults = []
+    try:
+        for step in range(40):
+            # bytes: a 16-row step's fp32 keys, one position more each step
+            size = 4 * 2**20 + step * 16 * 2**10
+            before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+            keys, values = torch.ones(size // 4), torch.ones(size // 4)
+            del keys, values
+            faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+    finally:
+        torch.set_num_threads(threads)
+    # mapped afresh, each step would fault in both blocks: ~2,200 pages
+    assert sum(faults[-10:]) < 4 * 2**20 // 4096
+
+
+@glibc_only
+def test_engines_leave_the_users_settings_and_an_open_block_alone(monkeypatch):
+    monkeypatch.setenv(OPT_OUT, "1")
+    assert not memory.large_blocks_from_the_heap()
+    monkeypatch.delenv(OPT_OUT)
+    calls = []
+    libc = memory._glibc()
+    monkeypatch.setattr(memory, "_glibc", lambda: _RecordingLibc(libc, calls))
+    with freed_memory_kept():
+        opened = len(calls)
+        assert not memory.large_blocks_from_the_heap()
+        assert len(calls) == opened  # the block's settings stand until it ends
 
 
 class _RecordingLibc:

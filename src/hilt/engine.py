@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hilt import memory
 from hilt.decoding import decoding_weights, without_onednn
 from hilt.generate import TextStreamer, context_start, sample_next_token
 from hilt.kernels import greedy_tokens
@@ -157,6 +158,7 @@ class Engine:
             self.cache_dtype,
             self.device,
         )
+        memory.large_blocks_from_the_heap()  # process-wide; see its docstring for what it saves a decoding step
         self._thread = threading.Thread(target=self._run, name="hilt-engine", daemon=True)
         self._thread.start()
         return self
