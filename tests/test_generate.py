@@ -437,6 +437,26 @@ def test_cli_runs_the_head_in_trainings_autocast_dtype_and_no_amp_keeps_fp32(che
     assert seen == [(bf16, bf16 or torch.float32), (None, torch.float32)]
 
 
+def test_cli_threads_sets_the_threads_the_engine_decodes_with(checkpoint, capsys, monkeypatch):
+    import hilt.engine as engine_module
+
+    seen = []
+    real = engine_module.Engine._step
+
+    def spying_step(engine):
+        seen.append(torch.get_num_threads())  # on the engine's own decode thread
+        real(engine)
+
+    monkeypatch.setattr(engine_module.Engine, "_step", spying_step)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that the flag has something to change, whatever the machine's default
+    try:
+        code, out, _ = run_cli(capsys, "--model_path", checkpoint, "--max_len", "3", "--threads", "1")
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0 and out and seen and set(seen) == {1}
+
+
 def test_cli_empty_prompt_starts_from_bos(checkpoint, capsys):
     code, out, err = run_cli(
         capsys, "--model_path", checkpoint, "--prompt", "", "--max_len", "5", "--seed", "0"
@@ -470,6 +490,7 @@ def test_cli_long_prompt_is_cut_from_the_left_with_a_warning(checkpoint, capsys)
         (["--beam_width", "0", "--use_beam_search"], "--beam_width must be >= 1"),
         (["--max_len", "0"], "--max_len must be >= 1"),
         (["--model_dim", "128"], "another architecture: d_model=128"),
+        (["--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_cli_bad_flags_are_one_clear_line(checkpoint, capsys, flags, message):

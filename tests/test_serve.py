@@ -457,6 +457,8 @@ def test_cli_mistakes_are_one_line(checkpoint, tmp_path, capsys):
     assert "not a valid Jinja template" in capsys.readouterr().err
     assert main(["serve", "--model_path", checkpoint, "--max_batch", "0"]) == 2
     assert "--max_batch" in capsys.readouterr().err
+    assert main(["serve", "--model_path", checkpoint, "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -549,3 +551,21 @@ def test_health_is_503_until_loaded_then_timeouts_and_cors(checkpoint):
 def test_cors_is_off_by_default(server):
     headers = call(server, "GET", "/health", headers={"Origin": "https://ok.example"})[1]
     assert not any(h.startswith("access-control-") for h in headers)
+
+
+def test_threads_reaches_the_engines_decode_thread(checkpoint):
+    from hilt.serve.run import ServeConfig, load_engine
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that the flag has something to change, whatever the machine's default
+    try:
+        loaded = load_engine(ServeConfig(model_path=checkpoint, threads=1))
+        seen = []
+        real = loaded.engine._step
+        loaded.engine._step = lambda: (seen.append(torch.get_num_threads()), real())
+        request = loaded.engine.submit([1, 2, 3], None)
+        list(request)
+        loaded.engine.shutdown()
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}

@@ -364,6 +364,13 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max_slots", type=int, default=16, help="sequences decoded together by the engine (default 16)"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: one per core; 1 often decodes faster on small VMs, see "
+        "docs/generation.md#threads)",
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

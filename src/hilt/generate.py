@@ -378,13 +378,14 @@ class GenerationConfig:
     out: str | None = None  # batch mode: the results, one JSON record per prompt
     resume: bool = False  # batch mode: keep the finished rows of --out and run the rest
     max_slots: int = 16  # sequences decoded together
+    threads: int | None = None  # torch's CPU threads; None = torch's choice (one per core)
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
             raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
-        for name in ("top_k", "beam_width", "max_len", "num_samples", "max_slots"):
+        for name in ("top_k", "beam_width", "max_len", "num_samples", "max_slots", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name} must be >= 1, got {value}")
@@ -416,9 +417,10 @@ def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str
     continuation) to ``out`` (default: stdout) and returns the continuations. With ``cfg.prompts_file``, runs
     the whole file instead (``run_prompts_file``) and returns the texts of the rows it generated."""
     out = out or sys.stdout
-    from hilt.device import autocast_dtype, resolve_device
+    from hilt.device import autocast_dtype, resolve_device, set_cpu_threads
     from hilt.engine import Engine, SamplingParams
 
+    set_cpu_threads(cfg.threads)
     if cfg.prompts_file is not None:
         from hilt.prompts_file import read_prompts_file, run_prompts_file
 

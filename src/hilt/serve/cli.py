@@ -70,6 +70,13 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: one per core; 1 often decodes faster on small VMs, see "
+        "docs/generation.md#threads)",
+    )
+    p.add_argument(
         "--no_amp", action="store_true", help="fp32 throughout (default: bf16 matmuls where supported)"
     )
     p.add_argument(

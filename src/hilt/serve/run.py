@@ -42,8 +42,11 @@ class ServeConfig:
     device: str = "auto"
     amp: bool = True
     log_level: str = "info"
+    threads: int | None = None  # torch's CPU threads; None = torch's choice (one per core)
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
         for name in ("max_batch", "max_body_bytes", "max_n"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -101,10 +104,11 @@ class _Server(uvicorn.Server):
 def load_engine(cfg: ServeConfig):
     """What the app's background loader runs: model, tokenizer and a started engine."""
     from hilt.checkpoint import load_model_and_tokenizer
-    from hilt.device import autocast_dtype, resolve_device
+    from hilt.device import autocast_dtype, resolve_device, set_cpu_threads
     from hilt.engine import Engine
     from hilt.serve.app import Loaded
 
+    set_cpu_threads(cfg.threads)  # before the engine's thread starts, which takes the setting with it
     device = resolve_device(cfg.device)
     model, tokenizer, _ = load_model_and_tokenizer(cfg.model_path, device)
     dtype = autocast_dtype(device, cfg.amp)
