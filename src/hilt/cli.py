@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Collection
 
 from hilt.errors import UserError
-from hilt.serve.cli import add_serve, cmd_serve
+from hilt.serve.cli import add_serve, add_threads, cmd_serve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -364,13 +364,7 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max_slots", type=int, default=16, help="sequences decoded together by the engine (default 16)"
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: one per core; 1 often decodes faster on small VMs, see "
-        "docs/generation.md#threads)",
-    )
+    add_threads(p)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -6,6 +6,17 @@ from __future__ import annotations
 import argparse
 
 
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """--threads, shared with `hilt generate`: both decode through the engine."""
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: one per core; 1 often decodes faster on small VMs, see "
+        "docs/generation.md#threads)",
+    )
+
+
 def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model_path",
@@ -69,13 +80,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
         help="seconds SIGTERM lets running requests finish before cancelling them (default 10)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: one per core; 1 often decodes faster on small VMs, see "
-        "docs/generation.md#threads)",
-    )
+    add_threads(p)
     p.add_argument(
         "--no_amp", action="store_true", help="fp32 throughout (default: bf16 matmuls where supported)"
     )
