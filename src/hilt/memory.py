@@ -99,9 +99,13 @@ def large_blocks_from_the_heap() -> bool:
     libc = _glibc()
     if libc is None or _depth:
         return False
+    _apply_values_after(libc)
+    return True
+
+
+def _apply_values_after(libc: ctypes.CDLL) -> None:
     for param, value in values_after().items():
         libc.mallopt(param, value)
-    return True
 
 
 @contextlib.contextmanager
@@ -124,6 +128,5 @@ def freed_memory_kept() -> Iterator[bool]:
     finally:
         _depth -= 1
         if _depth == 0:
-            for param, value in values_after().items():
-                libc.mallopt(param, value)
+            _apply_values_after(libc)
             libc.malloc_trim(0)
