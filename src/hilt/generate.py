@@ -479,12 +479,15 @@ def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str
             if cfg.num_samples > 1:
                 print(f"--- sample {i + 1}/{cfg.num_samples} ---", file=out)
             print(cfg.prompt, end="", file=out, flush=True)
-            pieces = []
-            for step in request:
-                pieces.append(step.text)
-                if cfg.stream and step.text:
+            if cfg.stream:
+                pieces = []
+                for step in request:
+                    pieces.append(step.text)
                     print(step.text, end="", file=out, flush=True)
-            text = "".join(pieces)
-            print("" if cfg.stream else text, file=out, flush=True)
+                text = "".join(pieces)
+                print(file=out, flush=True)
+            else:  # waits for the end only, not woken at every token
+                text = request.result().text
+                print(text, file=out, flush=True)
             texts.append(text)
     return texts

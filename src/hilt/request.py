@@ -125,6 +125,7 @@ class Request:
         self._outputs: list[Output] = []
         self._cond = threading.Condition()
         self._finished = False
+        self._done = threading.Event()  # result() waits on it: the per-token notifications never wake it
         self._error: BaseException | None = None
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._on_finish: Callable[[Request], None] | None = None
@@ -161,6 +162,7 @@ class Request:
                 self._outputs.append(out)
             self._cond.notify_all()
             waiters = list(self._async_waiters)
+        self._done.set()
         self._wake(waiters)
         if self._on_finish is not None:
             self._on_finish(self)
@@ -215,7 +217,9 @@ class Request:
                 self._async_waiters.remove((loop, event))
 
     def result(self) -> Result:
-        """Blocks until the request ends; everything it produced."""
+        """Blocks until the request ends; everything it produced. It waits for the end only: iterating wakes the
+        caller at every token, and each wake-up takes the GIL from the decode thread."""
+        self._done.wait()
         outs = list(self)
         tokens = [o.token_id for o in outs if o.token_id is not None]
         want = self.params.logprobs is not None
