@@ -1,11 +1,14 @@
 import asyncio
 import json
+import os
 import threading
+import time
 
 import pytest
 import torch
 
 from hilt.cli import main
+from hilt.device import _openmp_runtimes, release_openmp_workers
 from hilt.engine import Engine, EngineClosed, QueueFull, SamplingParams
 from hilt.generate import generate
 from hilt.kv_cache import SlotCache
@@ -383,3 +386,57 @@ def test_text_prompts_files_and_flag_mistakes(checkpoint, tmp_path, capsys):
     ]:
         code, _, err = run(capsys, "--model_path", checkpoint, *flags)
         assert code == 2 and message in err and err.count("\n") == 1
+
+
+# --- OpenMP worker threads -----------------------------------------------------------------------------------
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def parallel_op() -> None:
+    torch.ones(1 << 20).add_(1)  # far above torch's grain size: it runs on every OpenMP thread
+
+
+needs_gnu_openmp = pytest.mark.skipif(not _openmp_runtimes(), reason="needs GNU OpenMP (Linux)")
+workers = 1  # two torch threads: each pool holds one worker besides the thread that owns it
+
+
+@pytest.fixture
+def two_threads():
+    torch.set_num_threads(2)  # the tests run on one (conftest)
+    yield
+    torch.set_num_threads(1)
+    release_openmp_workers()
+
+
+@needs_gnu_openmp
+def test_releasing_ends_this_threads_openmp_workers_and_the_next_parallel_op_brings_them_back(two_threads):
+    parallel_op()
+    with_pool = os_threads()
+    release_openmp_workers()
+    assert os_threads() == with_pool - workers
+    parallel_op()
+    assert os_threads() == with_pool
+
+
+@needs_gnu_openmp
+def test_an_idle_engine_holds_no_openmp_workers_and_submitting_releases_the_callers(two_threads):
+    # GNU OpenMP lets idle workers spin only while it manages no more threads than CPUs; past that each parallel
+    # operator of the decode thread wakes sleeping ones (batch-1 decoding 2.5x slower on 2 cores)
+    model = tiny_model(vocab_size=4096, d_model=64, max_seq_len=64)  # a head large enough to run in parallel
+    parallel_op()  # the main thread's pool, as loading a model makes one
+    alone = os_threads() - workers
+    with Engine(model, max_slots=2) as engine:
+        assert os_threads() == alone + 1  # start released the main thread's workers; the decode thread waits
+        parallel_op()
+        request = engine.submit(list(range(1, 40)), SamplingParams(max_new_tokens=30, ignore_eos=True))
+        seen = set()
+        while not request.finished:
+            seen.add(os_threads())
+        assert max(seen) == alone + 1 + workers  # the main thread's were released; the decode thread's ran
+        deadline = time.monotonic() + 5
+        while os_threads() != alone + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os_threads() == alone + 1  # idle again: the decode thread's workers are gone too

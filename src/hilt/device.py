@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 
 import torch
@@ -62,8 +64,43 @@ def autocast_dtype(device: torch.device, use_amp: bool = True) -> torch.dtype | 
 
 def set_cpu_threads(threads: int | None) -> None:
     """torch's CPU threads from now on, for this thread and every thread started after it (None keeps torch's
-    choice, one per core). Generation offers it because a decoding step is hundreds of small operators and each
-    parallel one wakes the other threads and waits for them: on a 2-core VM one thread decoded 1.3-2.4x faster
-    than two at every concurrency measured (docs/generation.md, "Threads")."""
+    choice, one per core): `hilt generate --threads` and `hilt serve --threads`. One per core decodes fastest on
+    the 2-core machines measured, once idle OpenMP workers are released (``release_openmp_workers``); another
+    machine may differ, hence the flag (docs/generation.md, "Threads")."""
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+@functools.cache
+def _openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
+    """The GNU OpenMP runtimes loaded in this process (torch's own, and any other library's copy), found in
+    /proc/self/maps; none where there is none to find (macOS, Windows, another OpenMP runtime)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
+    except OSError:
+        return ()
+    runtimes = []
+    for path in sorted(paths):
+        try:
+            runtime = ctypes.CDLL(path)  # already loaded: the same library, not a second copy
+        except OSError:
+            continue
+        if hasattr(runtime, "omp_pause_resource_all"):
+            runtimes.append(runtime)
+    return tuple(runtimes)
+
+
+def release_openmp_workers() -> None:
+    """Ends the OpenMP worker threads that the calling thread's parallel operators started (the next parallel
+    operator of this thread starts them again; other threads keep theirs).
+
+    GNU OpenMP keeps one pool of workers per thread that has run a parallel operator, and once it manages more
+    threads than there are CPUs it lets idle workers spin only briefly (libgomp's throttled spin count): each
+    parallel operator then wakes sleeping ones through the kernel. So a thread that loaded a model (the main
+    thread) and then only waits still slows a decode thread down: on 2 cores a parallel add of 200K floats took
+    12 us in the decode thread with the main thread's pool released, 33-69 us without, and the engine decoded one
+    request at ~110 tokens/s instead of 255-300 (docs/generation.md, "Threads")."""
+    for runtime in _openmp_runtimes():
+        # omp_pause_soft: this thread's pool only; inside a parallel region it refuses and changes nothing
+        runtime.omp_pause_resource_all(1)

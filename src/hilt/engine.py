@@ -38,6 +38,7 @@ import torch
 
 from hilt import memory
 from hilt.decoding import decoding_weights, without_onednn
+from hilt.device import release_openmp_workers
 from hilt.generate import TextStreamer, context_start, sample_next_token
 from hilt.kernels import greedy_tokens
 from hilt.kv_cache import SlotCache
@@ -159,6 +160,7 @@ class Engine:
             self.device,
         )
         memory.large_blocks_from_the_heap()  # process-wide; see its docstring for what it saves a decoding step
+        release_openmp_workers()  # this thread's, idle from now on: they would slow the decode thread's down
         self._thread = threading.Thread(target=self._run, name="hilt-engine", daemon=True)
         self._thread.start()
         return self
@@ -187,6 +189,7 @@ class Engine:
             raise ValueError("stop strings need the engine's tokenizer")
         request = Request(self, ids, params)
         request._on_finish = on_finish
+        release_openmp_workers()  # the submitting thread's, if it ran parallel operators since (see start)
         with self._lock:
             if self._closing:
                 raise EngineClosed("the engine is shutting down")
@@ -219,15 +222,16 @@ class Engine:
         exhausted = False
         try:
             while True:
-                while not exhausted and len(pending) < in_flight:
+                refill = []
+                while not exhausted and len(pending) + len(refill) < in_flight:
                     item = next(source, None)
-                    if item is None:
-                        exhausted = True
-                        break
-                    index, (ids, params) = item
-                    pending[index] = self._submit(
-                        ids, params, bounded=False, on_finish=lambda r, i=index: finished.put((i, r))
-                    )
+                    exhausted = item is None
+                    refill += [] if exhausted else [item]
+                with self._lock:  # the decode thread sees the whole refill at once and prefills it together
+                    for index, (ids, params) in refill:
+                        pending[index] = self._submit(
+                            ids, params, bounded=False, on_finish=lambda r, i=index: finished.put((i, r))
+                        )
                 if not pending:
                     return
                 index, request = finished.get()
@@ -317,6 +321,7 @@ class Engine:
                 self._lock.notify_all()  # shutdown waits for the engine to run dry
                 if self._stopping:
                     return False
+                release_openmp_workers()  # an idle engine holds none, so it slows no other thread's down
                 self._lock.wait()
 
     def _ended(self, row: _Row) -> bool:

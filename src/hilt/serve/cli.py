@@ -12,7 +12,7 @@ def add_threads(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: one per core; 1 often decodes faster on small VMs, see "
+        help="torch CPU threads for the process, the decode thread included (default: one per core; see "
         "docs/generation.md#threads)",
     )
 

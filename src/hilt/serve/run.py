@@ -144,12 +144,6 @@ def _listen(host: str, port: int) -> socket.socket:
 def run_server(cfg: ServeConfig) -> None:
     if not Path(cfg.model_path).exists():
         raise UserError(f"--model_path not found: {cfg.model_path}")
-    # Before torch loads libgomp, which reads it once. By default OpenMP's idle workers spin between parallel
-    # regions; in a server the decode thread hands the GIL to the event loop after every token, and the spinning
-    # workers then take the CPU the decode thread needs. Measured on the 2-core machine while other jobs ran, a
-    # 7.6M-parameter model decoding greedily through the server: 110-460 ms/token spinning, 12-23 ms/token
-    # passive (the engine alone, without the server: ~20 ms/token). An explicit OMP_WAIT_POLICY still wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from hilt.serve.app import AppSettings, create_app
     from hilt.serve.chat import ChatTemplate
     from hilt.tokenizer import SPECIAL_TOKENS
