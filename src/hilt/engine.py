@@ -22,7 +22,10 @@ weights (``decoding_weights``) and the same sampling code on its own (1, V) logi
 sum in other orders than single-row ones, so logits agree to float rounding, not bit for bit; greedy and seeded
 tokens are the same unless two candidates tie to within that rounding (the tests check whole sequences).
 
-Process-wide switches (the oneDNN switch for single-token steps) are applied only on the decode thread.
+Process-wide switches (the oneDNN switch for single-token steps) are applied only on the decode thread. OpenMP
+keeps worker threads per thread that ran parallel operators; the engine ends the caller's when it starts and at
+each submit, and the decode thread's whenever it runs dry (``hilt.device.release_openmp_workers``: with two pools
+alive on a small machine every parallel operator of a step wakes a sleeping worker).
 """
 
 from __future__ import annotations
