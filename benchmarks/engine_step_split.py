@@ -1,8 +1,8 @@
 """Where the engine's time goes: engine_bench's workload at one concurrency, with a clock around each part of the
 decoding copy (main attention, its kernel, the ILTs, feed-forward, the LM head, sampling), summed over the run.
 
-    .venv/bin/python benchmarks/engine_step_split.py --concurrency 16 --threads 1
-    .venv/bin/python benchmarks/engine_step_split.py --concurrency 1 --threads 1
+    .venv/bin/python benchmarks/engine_step_split.py --concurrency 16
+    .venv/bin/python benchmarks/engine_step_split.py --concurrency 1
 
 The clocks cost a few microseconds per call, so the total runs a little slower than engine_bench's; the parts
 nest (the kernel is inside the attention, which is inside a decoding call), so they do not add up to the wall time.
