@@ -228,8 +228,10 @@ class Engine:
                 refill = []
                 while not exhausted and len(pending) + len(refill) < in_flight:
                     item = next(source, None)
-                    exhausted = item is None
-                    refill += [] if exhausted else [item]
+                    if item is None:
+                        exhausted = True
+                    else:
+                        refill.append(item)
                 with self._lock:  # the decode thread sees the whole refill at once and prefills it together
                     for index, (ids, params) in refill:
                         pending[index] = self._submit(

@@ -124,15 +124,16 @@ class Request:
         self._engine = engine
         self._outputs: list[Output] = []
         self._cond = threading.Condition()
-        self._finished = False
-        self._done = threading.Event()  # result() waits on it: the per-token notifications never wake it
+        # set (under _cond) when the request ends; result() waits on it, which the per-token notifications of
+        # _cond never wake
+        self._finished = threading.Event()
         self._error: BaseException | None = None
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._on_finish: Callable[[Request], None] | None = None
 
     @property
     def finished(self) -> bool:
-        return self._finished
+        return self._finished.is_set()
 
     def cancel(self) -> None:
         """Ends the request with finish_reason "cancelled"; its slot is freed before the engine's next step."""
@@ -144,7 +145,7 @@ class Request:
         if out.finish_reason is not None:
             return self._finish_with(out)
         with self._cond:
-            if self._finished:
+            if self._finished.is_set():
                 return False
             self._outputs.append(out)
             self._cond.notify_all()
@@ -154,15 +155,14 @@ class Request:
 
     def _finish_with(self, out: Output | None, error: BaseException | None = None) -> bool:
         with self._cond:
-            if self._finished:
+            if self._finished.is_set():
                 return False
-            self._finished = True
+            self._finished.set()
             self._error = error
             if out is not None:
                 self._outputs.append(out)
             self._cond.notify_all()
             waiters = list(self._async_waiters)
-        self._done.set()
         self._wake(waiters)
         if self._on_finish is not None:
             self._on_finish(self)
@@ -180,11 +180,11 @@ class Request:
         seen = 0
         while True:
             with self._cond:
-                while seen == len(self._outputs) and not self._finished:
+                while seen == len(self._outputs) and not self._finished.is_set():
                     self._cond.wait()
                 new = self._outputs[seen:]
                 seen += len(new)
-                done, error = self._finished and seen == len(self._outputs), self._error
+                done, error = self._finished.is_set() and seen == len(self._outputs), self._error
             yield from new
             if done:
                 if error is not None:
@@ -203,7 +203,7 @@ class Request:
                     event.clear()
                     new = self._outputs[seen:]
                     seen += len(new)
-                    done, error = self._finished and seen == len(self._outputs), self._error
+                    done, error = self._finished.is_set() and seen == len(self._outputs), self._error
                 for out in new:
                     yield out
                 if done:
@@ -219,7 +219,7 @@ class Request:
     def result(self) -> Result:
         """Blocks until the request ends; everything it produced. It waits for the end only: iterating wakes the
         caller at every token, and each wake-up takes the GIL from the decode thread."""
-        self._done.wait()
+        self._finished.wait()
         outs = list(self)
         tokens = [o.token_id for o in outs if o.token_id is not None]
         want = self.params.logprobs is not None
