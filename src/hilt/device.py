@@ -64,8 +64,8 @@ def autocast_dtype(device: torch.device, use_amp: bool = True) -> torch.dtype | 
 
 def set_cpu_threads(threads: int | None) -> None:
     """torch's CPU threads from now on, for this thread and every thread started after it (None keeps torch's
-    choice, one per core): `hilt generate --threads` and `hilt serve --threads`. One per core decodes fastest on
-    the 2-core machines measured, once idle OpenMP workers are released (``release_openmp_workers``); another
+    choice, one per core): `hilt generate --threads` and `hilt serve --threads`. One per core decoded fastest on
+    the one 2-core machine measured, once idle OpenMP workers are released (``release_openmp_workers``); another
     machine may differ, hence the flag (docs/generation.md, "Threads")."""
     if threads is not None:
         torch.set_num_threads(threads)
