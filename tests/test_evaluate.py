@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hilt import kernels
 from hilt.cli import main
 from hilt.data import TokenBatches
 from hilt.evaluate import HeadLoss, evaluate_tokens, run_eval, sliding_windows
@@ -56,12 +57,24 @@ def test_stride_one_equals_scoring_each_token_with_its_full_window():
     assert got.perplexity == pytest.approx(math.exp(got.loss))
 
 
+@pytest.fixture(params=["oneDNN packed head", "torch's matmul"])
+def head_path(request, monkeypatch):
+    """HeadLoss's two ways to the logits: a packed oneDNN weight where torch has oneDNN (CPU), torch's matmul
+    elsewhere."""
+    if request.param == "torch's matmul":
+        monkeypatch.setattr(kernels, "onednn_packed", lambda *args, **kwargs: None)
+    elif not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    return request.param
+
+
 # chunks of 4 and 7 tokens (the last one short), and a single chunk
 @pytest.mark.parametrize("chunk_elements", [97 * 4, 97 * 7, 2**22])
-def test_head_loss_equals_the_summed_cross_entropy_of_full_logits(chunk_elements):
+def test_head_loss_equals_the_summed_cross_entropy_of_full_logits(chunk_elements, head_path):
     hidden, weight = torch.randn(23, 16), torch.randn(97, 16)
     targets = torch.randint(0, 97, (23,))
     head_loss = HeadLoss(weight, torch.float32, chunk_elements)
+    assert (head_loss.packed is not None) == (head_path == "oneDNN packed head")
     # a short call first, then a longer one (the buffers grow), then the short one again (reused, not stale)
     for n in (5, 23, 5):
         expected = F.cross_entropy(hidden[:n] @ weight.T, targets[:n], reduction="sum").double()
@@ -70,7 +83,7 @@ def test_head_loss_equals_the_summed_cross_entropy_of_full_logits(chunk_elements
         assert got.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_head_loss_in_bf16_takes_the_exact_fp32_log_softmax_of_bf16_logits():
+def test_head_loss_in_bf16_takes_the_exact_fp32_log_softmax_of_bf16_logits(head_path):
     hidden, weight = torch.randn(40, 32), torch.randn(97, 32)
     targets = torch.randint(0, 97, (40,))
     logits = (hidden.bfloat16() @ weight.bfloat16().T).float()

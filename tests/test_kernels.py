@@ -330,7 +330,6 @@ def test_a_packed_bf16_linear_gives_onednns_bits_and_follows_the_onednn_switch()
         False
     )  # single-row steps keep torch's own GEMV: faster with the weights out of cache
     assert not used and all(torch.equal(a, b) for a, b in zip(packed, plain_without_onednn, strict=True))
-    assert kernels.onednn_packed(torch.randn(4, 4)) is None  # fp32 keeps torch's matmul
 
 
 @pytest.mark.parametrize("vocab", [50260, 1024, 1000, 200])
@@ -349,3 +348,14 @@ def test_greedy_tokens_equals_argmax_including_ties_and_the_last_chunk(vocab, ro
             assert torch.equal(kernels.greedy_tokens(x), x.argmax(dim=-1))
     view = torch.randn(4, vocab)[1:3]  # rows of a larger tensor, as the engine's logits are
     assert torch.equal(kernels.greedy_tokens(view), view.argmax(dim=-1))
+
+
+def test_a_packed_fp32_weight_computes_what_f_linear_does():
+    weight, bias = torch.randn(300, 64), torch.randn(300)
+    packed = kernels.onednn_packed(weight, rows=83)
+    if packed is None:
+        pytest.skip("torch without oneDNN")
+    for rows in (1, 5, 83, 200):  # laid out for 83 rows; any count runs on it
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(kernels.packed_linear(x, packed, bias), F.linear(x, weight, bias))
+    assert kernels.onednn_packed(weight.double()) is None  # float64 keeps torch's matmul

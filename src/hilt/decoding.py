@@ -41,8 +41,9 @@ class DecodingAttention(MultiHeadAttention):
 def lowered_copy(model: HierarchicalTransformer, dtype: torch.dtype) -> HierarchicalTransformer:
     """An eval-mode copy of ``model`` whose main and ILT layers hold their matrices in ``dtype`` (e.g. bf16): what
     training's autocast computes (``hilt.kernels.MixedDtypeLinear`` casts the fp32 activations), without casting
-    every weight at every token. The embedding, norms and positions stay the model's own tensors, shared, not
-    copied. The main layers' attention becomes ``DecodingAttention`` (same parameters, a faster batched decoding
+    every weight at every token; each matrix also gets a oneDNN-packed twin where there is one (in the model's own
+    dtype the matrices are shared and only the twins are new). The embedding, norms and positions stay the model's
+    own tensors, shared, not copied. The main layers' attention becomes ``DecodingAttention`` (same parameters, a faster batched decoding
     step). Building one takes ~31 ms at the default size: ``decoding_weights`` keeps it between calls."""
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     # plain tensors even when called under inference mode: the copy outlives this call in the cache
@@ -111,12 +112,19 @@ def _fingerprint(model: HierarchicalTransformer) -> tuple:
 def decoding_weights(
     model: HierarchicalTransformer, compute_dtype: torch.dtype | None
 ) -> tuple[HierarchicalTransformer, nn.Linear]:
-    """The module that decodes and the LM head that turns its hidden states (B, C) into logits (B, V): the model
-    itself and its head for ``compute_dtype`` None, else ``lowered_copy`` and a copy of the head in that dtype
-    (a packed ``MixedDtypeLinear``, which casts the fp32 hidden states), built once per model and dtype and
-    rebuilt when the model's weights change (see above)."""
+    """The module that decodes and the LM head that turns its hidden states (B, C) into logits (B, V):
+    ``lowered_copy`` and a copy of the head in ``compute_dtype`` (a packed ``MixedDtypeLinear``, which casts the
+    fp32 hidden states), built once per model and dtype and rebuilt when the model's weights change (see above).
+
+    ``compute_dtype`` None keeps the model's precision. An fp32 model on CPU still gets a decoding copy, one that
+    shares the model's matrices and adds oneDNN-packed twins of them (``hilt.kernels.onednn_packed``: torch's fp32
+    matmul is MKL's, slow on AMD CPUs); the LM head's twin serves single-row steps too. Elsewhere: the model itself
+    and its head."""
     if compute_dtype is None:
-        return model, model.head
+        fp32_cpu = model.head.weight.dtype == torch.float32 and model.head.weight.device.type == "cpu"
+        if not (fp32_cpu and torch.backends.mkldnn.is_available()):
+            return model, model.head
+        compute_dtype = torch.float32
     fingerprint = _fingerprint(model)
     with _cache_lock:
         if model not in _decoding_cache:
@@ -130,7 +138,7 @@ def decoding_weights(
                 weight = model.head.weight.detach().to(compute_dtype)
                 head = MixedDtypeLinear(weight.size(1), weight.size(0), bias=False, device="meta")
                 head.weight = nn.Parameter(weight, requires_grad=False)
-                head.pack()
+                head.pack(single_row=compute_dtype == torch.float32)
             entry = (fingerprint, lowered_copy(model, compute_dtype), head)
             _decoding_cache[model][compute_dtype] = entry
     return entry[1], entry[2]

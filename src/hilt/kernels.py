@@ -10,6 +10,7 @@ at each choice are medians from the benchmarks named there; the full tables are 
     explicit_attention      softmax(q k^T) v as two batched matmuls      ILT windows; short bf16 training sequences
     decode_attention        one query per row over a cache, in fp32      the engine's batched bf16 decoding step
     MixedDtypeLinear        bf16 weights under fp32 activations, packed  generation's lowered copy (hilt.generate)
+    onednn_packed           a weight packed for oneDNN, bf16 or fp32     the exact loss's LM head; decoding's copy
     depth_mix               the depth kinds' mixing, one fused backward  training the depth kinds, CPU
     greedy_tokens           argmax over the vocabulary in chunks         greedy decoding (generate, the engine)
 
@@ -187,40 +188,55 @@ class MixedDtypeLinear(nn.Linear):
     decoding step of the default model at 4 rows -20%, at 16 rows -5 to -18% in three of four contended runs
     and +2% in the fourth). It follows ``torch.backends.mkldnn.enabled``, so the single-row steps that
     ``hilt.decoding.without_onednn`` runs on torch's own GEMV stay there: with the weights out of cache after a
-    whole step, that GEMV beats the packed weight (a step 8.5 vs 12.4 ms). A packed layer must be packed again
+    whole step, that GEMV beats the packed weight (a step 8.5 vs 12.4 ms). ``pack(single_row=True)`` keeps the
+    packed weight there too: for an fp32 LM head, whose single-row product torch gives to MKL (a 256 x 50,260 head:
+    3.8 ms, packed 1.0 ms; fp32 decoding at batch 1 127 -> 193 tokens/s). A packed layer must be packed again
     after its weight changes: the decoding copy never changes, it is rebuilt."""
 
     packed: torch.Tensor | None = None
+    packed_single_row = False
 
-    def pack(self) -> None:
+    def pack(self, single_row: bool = False) -> None:
         self.packed = onednn_packed(self.weight)
+        self.packed_single_row = single_row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         autocast = torch.is_autocast_enabled(x.device.type)
         if x.dtype != self.weight.dtype and not autocast:
             x = x.to(self.weight.dtype)
-        packed = self.packed is not None and torch.backends.mkldnn.enabled and not autocast
+        onednn = torch.backends.mkldnn.enabled or self.packed_single_row
+        packed = self.packed is not None and onednn and not autocast
         if packed and x.dtype == self.weight.dtype and x.device.type == "cpu":
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-def onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
-    """A bf16 CPU weight (out, in) in oneDNN's blocked layout for ``_linear_pointwise``, or None where that path
-    is missing (another dtype or device, a torch without oneDNN, a CPU oneDNN cannot run bf16 on)."""
+def onednn_packed(weight: torch.Tensor, rows: int = 16) -> torch.Tensor | None:
+    """A bf16 or fp32 CPU weight (out, in) in oneDNN's blocked layout for ``packed_linear``, laid out for calls of
+    about ``rows`` rows (every other count runs on it too), or None where that path is missing (another dtype or
+    device, a torch without oneDNN, a CPU oneDNN cannot run the dtype on).
+
+    fp32 too: torch's fp32 matmul on CPU is MKL's, which runs AVX2 code on AMD CPUs, while oneDNN's uses AVX-512
+    where there is one. Two threads of an AVX-512 AMD EPYC, an LM head of GPT-2's vocabulary at 83 rows: 64-wide
+    80 -> 20 us a row, 256-wide 203 -> 63; with both libraries capped at AVX2, 64-wide 50 -> 28; a 2048^3 matmul
+    200 -> 474 GFLOP/s (docs/performance.md)."""
     if (
-        weight.dtype != torch.bfloat16
+        weight.dtype not in (torch.bfloat16, torch.float32)
         or weight.device.type != "cpu"
         or not torch.backends.mkldnn.is_available()
     ):
         return None
     try:
-        # 16: the row count oneDNN lays the weight out for; every other count runs on it too
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
-        torch.ops.mkldnn._linear_pointwise(weight.new_zeros(1, weight.size(1)), packed, None, "none", [], "")
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+        packed_linear(weight.new_zeros(1, weight.size(1)), packed)
     except (AttributeError, RuntimeError):  # private ops (inductor's): a torch without them keeps F.linear
         return None
     return packed
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through oneDNN, the weight packed by ``onednn_packed``; x in its dtype."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 # --- the depth kinds' mixing -------------------------------------------------------------------------------

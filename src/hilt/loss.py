@@ -16,12 +16,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hilt import kernels
 from hilt.model import HierarchicalTransformer
 
 # Logits per chunk at most (128 MB in fp32; 512 tokens of GPT-2's vocabulary). Larger chunks run a little faster
 # (each chunk pays a (V x C) weight-gradient conversion and add), smaller ones use less memory: this size keeps
 # a default train.py run (batch 32 x 128) under 2 GB peak RSS (benchmarks/bench.py measures it).
 CHUNK_ELEMENTS = 2**25
+
+# Logits per chunk of the exact loss without gradients (16 MB in fp32; 83 tokens of GPT-2's vocabulary). Its
+# buffers then stay under glibc's 32 MB ceiling for mapping a block afresh, so a new HeadLoss (one per evaluation
+# pass) reuses heap memory instead of page-faulting 200 MB in; nor does the log-softmax's temporary get mapped at
+# every call. A 2,048-token bf16 batch of a 64-wide model, one new HeadLoss per batch: 115-117 -> 54-60 ms and
+# 49,000 -> 0 page faults; with the HeadLoss reused, 55-62 vs 54-55 ms (2 threads; docs/performance.md).
+EVAL_CHUNK_ELEMENTS = 2**22
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -37,32 +45,41 @@ class HeadLoss:
     vocabulary-sized tensor per batch costs a page fault per 4 KB. Make one per pass over the data (the weight is
     a snapshot); its buffers are freed with it."""
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, chunk_elements: int = CHUNK_ELEMENTS):
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, chunk_elements: int = EVAL_CHUNK_ELEMENTS):
         self.weight = weight.detach().to(dtype)  # (V, C)
         self.chunk = max(1, chunk_elements // weight.size(0))
-        self.logits = self.fp32 = torch.empty(0, weight.size(0), dtype=dtype, device=weight.device)
+        # on CPU the head goes through oneDNN with the weight packed once (hilt.kernels.onednn_packed: fp32 2.7-4x
+        # faster than torch's matmul on AMD CPUs, bf16 1.1-1.3x); its logits come in a new tensor each chunk
+        # (heap memory at this size, reused), so only torch's matmul elsewhere writes into a kept buffer
+        self.packed = kernels.onednn_packed(self.weight, rows=self.chunk)
+        self.rows = 0
+        self.logits = self.fp32 = None
 
     def _grow(self, rows: int) -> None:
         # as many rows as a call needs, up to a chunk (a tiny vocabulary would otherwise get 2**25-element buffers)
-        self.logits = torch.empty(
-            rows, self.weight.size(0), dtype=self.weight.dtype, device=self.weight.device
-        )
+        self.rows = rows
+        V, device = self.weight.size(0), self.weight.device
+        if self.packed is None:
+            self.logits = torch.empty(rows, V, dtype=self.weight.dtype, device=device)
         # the log-softmax runs in place on fp32 logits: a second buffer when the matmul gives bf16/fp16
-        same = self.weight.dtype == torch.float32
-        self.fp32 = self.logits if same else torch.empty_like(self.logits, dtype=torch.float32)
+        if self.weight.dtype != torch.float32:
+            self.fp32 = torch.empty(rows, V, dtype=torch.float32, device=device)
 
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """hidden (N, C), targets (N,) -> sum over the N tokens of -log softmax(logits)[target], float64."""
-        if self.logits.size(0) < min(self.chunk, hidden.size(0)):
+        if self.rows < min(self.chunk, hidden.size(0)):
             self._grow(min(self.chunk, hidden.size(0)))
         h = hidden.to(self.weight.dtype)
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for start in range(0, h.size(0), self.chunk):
             h_c, t_c = h[start : start + self.chunk], targets[start : start + self.chunk]
             n = h_c.size(0)
-            logits = torch.mm(h_c, self.weight.T, out=self.logits[:n])  # (n, V) in the compute dtype
-            x = logits if self.fp32 is self.logits else self.fp32[:n].copy_(logits)  # (n, V) fp32
+            if self.packed is not None:
+                logits = kernels.packed_linear(h_c, self.packed)  # (n, V) in the compute dtype
+            else:
+                logits = torch.mm(h_c, self.weight.T, out=self.logits[:n])
+            x = logits if self.fp32 is None else self.fp32[:n].copy_(logits)  # (n, V) fp32
             # one kernel, row by row while the row is in cache: 2x faster than amax, exp and sum over the chunk
             log_probs = torch.log_softmax(x, dim=1, out=x)
             total -= log_probs.gather(1, t_c[:, None]).double().sum()
