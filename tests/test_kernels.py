@@ -127,6 +127,9 @@ def test_the_switch_picks_the_kernels_on_cpu_and_the_reference_otherwise():
     model.use_cpu_kernels(False)
     assert all(type(m) is torch.nn.Dropout for m in model.modules() if isinstance(m, torch.nn.Dropout))
     assert not any(getattr(m, "cpu_kernels", False) for m in model.modules())
+    assert not any(type(m) is kernels.OneDNNLinear for m in model.modules())
+    model.use_cpu_kernels(True)
+    assert all(type(m) is kernels.OneDNNLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
     ilt_qkv = torch.randn(8, 2, 48)
     assert kernels.attention_kernel(ilt_qkv, short=True, plain_causal=True) is kernels.pair_attention
     assert kernels.attention_kernel(ilt_qkv, short=True, plain_causal=False) is None  # a cache or a mask
@@ -359,3 +362,37 @@ def test_a_packed_fp32_weight_computes_what_f_linear_does():
         x = torch.randn(rows, 64)
         torch.testing.assert_close(kernels.packed_linear(x, packed, bias), F.linear(x, weight, bias))
     assert kernels.onednn_packed(weight.double()) is None  # float64 keeps torch's matmul
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 24), (3, 7, 24)])
+@pytest.mark.parametrize("out_features", [8, 40])  # the weight gradient's two orientations: O < I and O >= I
+def test_the_onednn_linear_equals_f_linear_forward_and_backward_in_fp32(bias, shape, out_features):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    torch.manual_seed(0)
+    layer = kernels.OneDNNLinear(24, out_features, bias=bias)
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_OneDNNLinearBackward"
+    grad = torch.randn_like(out)
+    fast = torch.autograd.grad(out, [x, *layer.parameters()], grad)
+    expected = F.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(fast, torch.autograd.grad(expected, [x, *layer.parameters()], grad), strict=True):
+        torch.testing.assert_close(a, b)
+    # an input that needs no gradient (the first layer's embedding output can): only the parameters get one
+    frozen_input = torch.autograd.grad(layer(x.detach()).sum(), layer.weight)[0]
+    torch.testing.assert_close(
+        frozen_input, torch.autograd.grad(F.linear(x, layer.weight).sum(), layer.weight)[0]
+    )
+
+
+def test_the_onednn_linear_leaves_bf16_autocast_fp64_and_a_switched_off_onednn_to_f_linear():
+    layer = kernels.OneDNNLinear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # autocast's own bf16 matmul
+    assert torch.equal(layer.double()(x.double()), F.linear(x.double(), layer.weight, layer.bias))
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not kernels.onednn_fp32(x, layer.weight.float())

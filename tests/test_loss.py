@@ -9,15 +9,20 @@ from hilt.model import HierarchicalTransformer
 from tests.conftest import tiny_config
 
 
+@pytest.mark.parametrize("onednn", [True, False])  # fp32 on CPU: oneDNN's products where torch has it
 @pytest.mark.parametrize(
     "chunk_elements", [97 * 5, 2**23]
 )  # several chunks (last one short) and a single one
-def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy_in_fp32(monkeypatch, chunk_elements):
+def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy_in_fp32(
+    monkeypatch, chunk_elements, onednn
+):
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", chunk_elements)
     hidden = torch.randn(23, 16, requires_grad=True)
     weight = torch.randn(97, 16, requires_grad=True)
     targets = torch.randint(0, 97, (23,))
-    ours = chunked_cross_entropy(hidden, weight, targets)
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        assert kernels.onednn_fp32(hidden, weight) == (onednn and torch.backends.mkldnn.is_available())
+        ours = chunked_cross_entropy(hidden, weight, targets)
     (ours * 0.5).backward()
     g_h, g_w = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -87,16 +92,17 @@ def test_language_model_loss_equals_cross_entropy_of_the_models_logits():
     assert torch.allclose(total, expected * 18, rtol=1e-5)
 
 
-def test_validation_costs_one_matmul_and_training_three(monkeypatch):
+def test_validation_costs_one_matmul_and_training_three():
     from torch.utils.flop_counter import FlopCounterMode
 
-    monkeypatch.setattr(kernels, "onednn_packed", lambda *args, **kwargs: None)  # torch's matmul: counted
     hidden, weight = torch.randn(8, 16, requires_grad=True), torch.randn(97, 16, requires_grad=True)
     targets = torch.randint(0, 97, (8,))
     one_matmul = 2 * 8 * 16 * 97
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        chunked_cross_entropy(hidden, weight, targets)
-    assert counter.get_total_flops() == one_matmul
-    with FlopCounterMode(display=False) as counter:
-        chunked_cross_entropy(hidden, weight, targets)  # the gradients are computed here, in forward
-    assert counter.get_total_flops() == 3 * one_matmul
+    # torch's matmuls, which the counter sees (it does not count oneDNN's)
+    with torch.backends.mkldnn.flags(enabled=False):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            chunked_cross_entropy(hidden, weight, targets)
+        assert counter.get_total_flops() == one_matmul
+        with FlopCounterMode(display=False) as counter:
+            chunked_cross_entropy(hidden, weight, targets)  # the gradients are computed here, in forward
+        assert counter.get_total_flops() == 3 * one_matmul

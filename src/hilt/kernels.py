@@ -11,6 +11,7 @@ at each choice are medians from the benchmarks named there; the full tables are 
     decode_attention        one query per row over a cache, in fp32      the engine's batched bf16 decoding step
     MixedDtypeLinear        bf16 weights under fp32 activations, packed  generation's lowered copy (hilt.generate)
     onednn_packed           a weight packed for oneDNN, bf16 or fp32     the exact loss's LM head; decoding's copy
+    OneDNNLinear            fp32 linear layers on oneDNN, fwd and bwd    fp32 training and evaluation, CPU
     depth_mix               the depth kinds' mixing, one fused backward  training the depth kinds, CPU
     greedy_tokens           argmax over the vocabulary in chunks         greedy decoding (generate, the engine)
 
@@ -214,7 +215,7 @@ class MixedDtypeLinear(nn.Linear):
 def onednn_packed(weight: torch.Tensor, rows: int = 16) -> torch.Tensor | None:
     """A bf16 or fp32 CPU weight (out, in) in oneDNN's blocked layout for ``packed_linear``, laid out for calls of
     about ``rows`` rows (every other count runs on it too), or None where that path is missing (another dtype or
-    device, a torch without oneDNN, a CPU oneDNN cannot run the dtype on).
+    device, a torch without oneDNN or with it switched off, a CPU oneDNN cannot run the dtype on).
 
     fp32 too: torch's fp32 matmul on CPU is MKL's, which runs AVX2 code on AMD CPUs, while oneDNN's uses AVX-512
     where there is one. Two threads of an AVX-512 AMD EPYC, an LM head of GPT-2's vocabulary at 83 rows: 64-wide
@@ -223,7 +224,7 @@ def onednn_packed(weight: torch.Tensor, rows: int = 16) -> torch.Tensor | None:
     if (
         weight.dtype not in (torch.bfloat16, torch.float32)
         or weight.device.type != "cpu"
-        or not torch.backends.mkldnn.is_available()
+        or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
     ):
         return None
     try:
@@ -237,6 +238,75 @@ def onednn_packed(weight: torch.Tensor, rows: int = 16) -> torch.Tensor | None:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through oneDNN, the weight packed by ``onednn_packed``; x in its dtype."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+# --- fp32 linear layers -------------------------------------------------------------------------------------
+
+
+def onednn_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this product can take the oneDNN fp32 path: fp32 on CPU, no autocast (whose bf16 matmuls are
+    oneDNN's already), not inside a compiled graph (inductor picks its own kernels)."""
+    return (
+        x.dtype == weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and torch.backends.mkldnn.enabled
+        and torch.backends.mkldnn.is_available()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b^T through oneDNN, for 2-D a (M, K) and b (N, K), either of them a transposed view."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+def weight_gradient(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad^T @ x for grad (N, O) and x (N, I): the (O, I) gradient of a linear layer's weight. oneDNN runs the
+    product faster with the larger of O and I on its weight side, so for O >= I it computes the transpose and
+    returns it as a view."""
+    if grad.size(1) >= x.size(1):
+        return matmul_nt(x.t(), grad.t()).t()
+    return matmul_nt(grad.t(), x.t())
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear with all three products (output, input gradient, weight gradient) through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), weight, bias, "none", [], "")
+        return y.view(*x.shape[:-1], weight.size(0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.size(-1))  # (N, O)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = matmul_nt(g, weight.t()).view(x.shape)  # g @ W
+        if ctx.needs_input_grad[1]:
+            grad_weight = weight_gradient(g, x.reshape(-1, x.size(-1)))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(dim=0)
+        return grad_x, grad_weight, grad_bias
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear whose fp32 CPU products, forward and backward, run on oneDNN instead of torch's MKL matmul.
+
+    MKL runs AVX2 code on AMD CPUs; oneDNN's fp32 kernels use AVX-512 where there is one. Two threads of an
+    AVX-512 AMD EPYC, 2,048 rows of the default model's layers: the output 175-224 -> 438-495 GFLOP/s, the input
+    gradient 222-226 -> 355-513, the weight gradient 209-218 -> 309-441 (docs/performance.md). Everything else
+    (bf16 autocast, other devices, compiled graphs) is F.linear's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if onednn_fp32(x, self.weight):
+            return _OneDNNLinear.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 # --- the depth kinds' mixing -------------------------------------------------------------------------------
@@ -332,10 +402,12 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 def use_cpu_kernels(model: nn.Module, enabled: bool = True) -> None:
-    """Turns the speed paths of every layer of ``model`` on or off: dropout modules change class (they hold no
-    state but p, so nothing else changes), attention modules read their ``cpu_kernels`` flag at every call."""
+    """Turns the speed paths of every layer of ``model`` on or off: dropout and linear modules change class (the
+    state they hold stays), attention modules read their ``cpu_kernels`` flag at every call."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.__class__ = CheapDropout if enabled else nn.Dropout
+        if type(module) in (nn.Linear, OneDNNLinear):  # not the decoding copy's MixedDtypeLinear
+            module.__class__ = OneDNNLinear if enabled else nn.Linear
         if hasattr(module, "cpu_kernels"):
             module.cpu_kernels = enabled
