@@ -120,6 +120,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if onednn:
                 grad_h[start : start + chunk] = kernels.matmul_nt(probs, w.t())
                 grad_w += kernels.weight_gradient(probs, h_c)
+                del logits, probs  # before the next chunk's logits exist: one chunk in memory, not two
                 continue
             grad_h[start : start + chunk] = probs @ w
             # accumulated in the compute dtype: an fp32 running sum costs a (V x C) conversion per chunk
