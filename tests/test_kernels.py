@@ -360,7 +360,7 @@ def test_a_packed_fp32_weight_computes_what_f_linear_does():
         pytest.skip("torch without oneDNN")
     for rows in (1, 5, 83, 200):  # laid out for 83 rows; any count runs on it
         x = torch.randn(rows, 64)
-        torch.testing.assert_close(kernels.packed_linear(x, packed, bias), F.linear(x, weight, bias))
+        torch.testing.assert_close(kernels.onednn_linear(x, packed, bias), F.linear(x, weight, bias))
     assert kernels.onednn_packed(weight.double()) is None  # float64 keeps torch's matmul
 
 

@@ -43,8 +43,9 @@ def lowered_copy(model: HierarchicalTransformer, dtype: torch.dtype) -> Hierarch
     training's autocast computes (``hilt.kernels.MixedDtypeLinear`` casts the fp32 activations), without casting
     every weight at every token; each matrix also gets a oneDNN-packed twin where there is one (in the model's own
     dtype the matrices are shared and only the twins are new). The embedding, norms and positions stay the model's
-    own tensors, shared, not copied. The main layers' attention becomes ``DecodingAttention`` (same parameters, a faster batched decoding
-    step). Building one takes ~31 ms at the default size: ``decoding_weights`` keeps it between calls."""
+    own tensors, shared, not copied. The main layers' attention becomes ``DecodingAttention`` (same parameters, a
+    faster batched decoding step). Building one takes ~31 ms at the default size: ``decoding_weights`` keeps it
+    between calls."""
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     # plain tensors even when called under inference mode: the copy outlives this call in the cache
     with torch.inference_mode(False), torch.no_grad():

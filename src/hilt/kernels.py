@@ -208,12 +208,12 @@ class MixedDtypeLinear(nn.Linear):
         onednn = torch.backends.mkldnn.enabled or self.packed_single_row
         packed = self.packed is not None and onednn and not autocast
         if packed and x.dtype == self.weight.dtype and x.device.type == "cpu":
-            return packed_linear(x, self.packed, self.bias)
+            return onednn_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 def onednn_packed(weight: torch.Tensor, rows: int = 16) -> torch.Tensor | None:
-    """A bf16 or fp32 CPU weight (out, in) in oneDNN's blocked layout for ``packed_linear``, laid out for calls of
+    """A bf16 or fp32 CPU weight (out, in) in oneDNN's blocked layout for ``onednn_linear``, laid out for calls of
     about ``rows`` rows (every other count runs on it too), or None where that path is missing (another dtype or
     device, a torch without oneDNN or with it switched off, a CPU oneDNN cannot run the dtype on).
 
@@ -229,15 +229,16 @@ def onednn_packed(weight: torch.Tensor, rows: int = 16) -> torch.Tensor | None:
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-        packed_linear(weight.new_zeros(1, weight.size(1)), packed)
+        onednn_linear(weight.new_zeros(1, weight.size(1)), packed)
     except (AttributeError, RuntimeError):  # private ops (inductor's): a torch without them keeps F.linear
         return None
     return packed
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` through oneDNN, the weight packed by ``onednn_packed``; x in its dtype."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through oneDNN, in x's dtype: the weight (out, in) plain, with any strides (a
+    transposed view too), or packed by ``onednn_packed``."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 # --- fp32 linear layers -------------------------------------------------------------------------------------
@@ -257,18 +258,13 @@ def onednn_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b^T through oneDNN, for 2-D a (M, K) and b (N, K), either of them a transposed view."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-
-
 def weight_gradient(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """grad^T @ x for grad (N, O) and x (N, I): the (O, I) gradient of a linear layer's weight. oneDNN runs the
     product faster with the larger of O and I on its weight side, so for O >= I it computes the transpose and
     returns it as a view."""
     if grad.size(1) >= x.size(1):
-        return matmul_nt(x.t(), grad.t()).t()
-    return matmul_nt(grad.t(), x.t())
+        return onednn_linear(x.t(), grad.t()).t()
+    return onednn_linear(grad.t(), x.t())
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -278,7 +274,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), weight, bias, "none", [], "")
+        y = onednn_linear(x.reshape(-1, x.size(-1)), weight, bias)
         return y.view(*x.shape[:-1], weight.size(0))
 
     @staticmethod
@@ -287,7 +283,7 @@ class _OneDNNLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.size(-1))  # (N, O)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = matmul_nt(g, weight.t()).view(x.shape)  # g @ W
+            grad_x = onednn_linear(g, weight.t()).view(x.shape)  # g @ W
         if ctx.needs_input_grad[1]:
             grad_weight = weight_gradient(g, x.reshape(-1, x.size(-1)))
         if ctx.has_bias and ctx.needs_input_grad[2]:

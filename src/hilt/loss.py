@@ -76,7 +76,7 @@ class HeadLoss:
             h_c, t_c = h[start : start + self.chunk], targets[start : start + self.chunk]
             n = h_c.size(0)
             if self.packed is not None:
-                logits = kernels.packed_linear(h_c, self.packed)  # (n, V) in the compute dtype
+                logits = kernels.onednn_linear(h_c, self.packed)  # (n, V) in the compute dtype
             else:
                 logits = torch.mm(h_c, self.weight.T, out=self.logits[:n])
             x = logits if self.fp32 is None else self.fp32[:n].copy_(logits)  # (n, V) fp32
@@ -105,7 +105,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.size(0), chunk):
             h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
             if onednn:
-                logits = kernels.matmul_nt(h_c, w)  # (n, V)
+                logits = kernels.onednn_linear(h_c, w)  # (n, V)
             else:
                 logits = torch.mm(h_c, w.T, out=buffer[: h_c.size(0)])  # (n, V) in the compute dtype
             # One softmax kernel (fp32 inside, even for bf16 logits) instead of upcast + log-sum-exp + exp:
@@ -118,7 +118,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 total += HeadLoss(w, dtype)(h_c, t_c).float()
             probs[torch.arange(len(t_c), device=probs.device), t_c] -= 1.0  # d loss / d logits
             if onednn:
-                grad_h[start : start + chunk] = kernels.matmul_nt(probs, w.t())
+                grad_h[start : start + chunk] = kernels.onednn_linear(probs, w.t())
                 grad_w += kernels.weight_gradient(probs, h_c)
                 del logits, probs  # before the next chunk's logits exist: one chunk in memory, not two
                 continue
