@@ -26,12 +26,13 @@ class DecodingAttention(MultiHeadAttention):
     reference ``attend``. Only the copy changes class, so training and the model itself never see it."""
 
     def attend(self, qkv, cache, layer_idx, attn_mask, attn_dropout):
+        if attn_mask is None or cache is None or attn_dropout or not self.cpu_kernels:
+            # no kernel for these (a single sequence's step has no mask), and no head views made twice
+            return super().attend(qkv, cache, layer_idx, attn_mask, attn_dropout)
         B, T, C3 = qkv.shape
         C, H = C3 // 3, self.n_heads
         q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=2))  # (B, H, T, D)
-        kernel = None
-        if self.cpu_kernels and cache is not None and not attn_dropout:
-            kernel = kernels.decode_attention_kernel(q, attn_mask)
+        kernel = kernels.decode_attention_kernel(q, attn_mask)
         if kernel is None:
             return super().attend(qkv, cache, layer_idx, attn_mask, attn_dropout)
         k, v = cache.update(layer_idx, k, v)  # (B, H, S, D)
