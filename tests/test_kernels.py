@@ -388,9 +388,13 @@ def test_the_onednn_linear_equals_f_linear_forward_and_backward_in_fp32(bias, sh
     )
 
 
-def test_the_onednn_linear_leaves_bf16_autocast_fp64_and_a_switched_off_onednn_to_f_linear():
+def test_the_onednn_linear_leaves_bf16_autocast_fp64_and_a_switched_off_onednn_to_f_linear(monkeypatch):
     layer = kernels.OneDNNLinear(16, 8)
     x = torch.randn(4, 16)
+    monkeypatch.setattr(kernels, "_x86_with_avx", lambda: False)  # an ARM CPU: torch's own fp32 matmul stays
+    assert type(layer(x).grad_fn).__name__ != "_OneDNNLinearBackward"
+    assert kernels.onednn_packed(layer.weight) is None
+    monkeypatch.undo()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16  # autocast's own bf16 matmul
     assert torch.equal(layer.double()(x.double()), F.linear(x.double(), layer.weight, layer.bias))

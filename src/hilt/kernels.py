@@ -223,6 +223,7 @@ def onednn_packed(weight: torch.Tensor, rows: int = 16) -> torch.Tensor | None:
     200 -> 474 GFLOP/s (docs/performance.md)."""
     if (
         weight.dtype not in (torch.bfloat16, torch.float32)
+        or (weight.dtype == torch.float32 and not _x86_with_avx())
         or weight.device.type != "cpu"
         or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
     ):
@@ -235,6 +236,13 @@ def onednn_packed(weight: torch.Tensor, rows: int = 16) -> torch.Tensor | None:
     return packed
 
 
+@functools.cache
+def _x86_with_avx() -> bool:
+    """Where the fp32 paths apply: x86 CPUs, whose fp32 matmul torch gives to MKL. Elsewhere (ARM: Apple's
+    Accelerate, OpenBLAS) torch's own choice stays; nothing there was measured."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX")
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through oneDNN, in x's dtype: the weight (out, in) plain, with any strides (a
     transposed view too), or packed by ``onednn_packed``."""
@@ -245,7 +253,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def onednn_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether this product can take the oneDNN fp32 path: fp32 on CPU, no autocast (whose bf16 matmuls are
+    """Whether this product can take the oneDNN fp32 path: fp32 on an x86 CPU, no autocast (whose bf16 matmuls are
     oneDNN's already), not inside a compiled graph (inductor picks its own kernels)."""
     return (
         x.dtype == weight.dtype == torch.float32
@@ -254,6 +262,7 @@ def onednn_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.enabled
         and torch.backends.mkldnn.is_available()
+        and _x86_with_avx()
         and not torch.compiler.is_compiling()
     )
 
