@@ -126,10 +126,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_h[start : start + chunk] = kernels.onednn_linear(probs, w.t())
                 grad_w += kernels.weight_gradient(probs, h_c)
                 del logits, probs  # before the next chunk's logits exist: one chunk in memory, not two
-                continue
-            grad_h[start : start + chunk] = probs @ w
-            # accumulated in the compute dtype: an fp32 running sum costs a (V x C) conversion per chunk
-            torch.addmm(grad_w, probs.T, h_c, out=grad_w)
+            else:
+                grad_h[start : start + chunk] = probs @ w
+                # accumulated in the compute dtype: an fp32 running sum costs a (V x C) conversion per chunk
+                torch.addmm(grad_w, probs.T, h_c, out=grad_w)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         return total
