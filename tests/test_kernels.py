@@ -400,3 +400,11 @@ def test_the_onednn_linear_leaves_bf16_autocast_fp64_and_a_switched_off_onednn_t
     assert torch.equal(layer.double()(x.double()), F.linear(x.double(), layer.weight, layer.bias))
     with torch.backends.mkldnn.flags(enabled=False):
         assert not kernels.onednn_fp32(x, layer.weight.float())
+
+
+def test_the_onednn_linear_traces_into_a_compiled_graph_without_a_break():
+    # train.py --compile: a break at every linear layer would recompile per shape and soon fall back to eager
+    layer = kernels.OneDNNLinear(16, 8)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))

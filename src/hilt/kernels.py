@@ -256,14 +256,15 @@ def onednn_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this product can take the oneDNN fp32 path: fp32 on an x86 CPU, no autocast (whose bf16 matmuls are
     oneDNN's already), not inside a compiled graph (inductor picks its own kernels)."""
     return (
-        x.dtype == weight.dtype == torch.float32
+        # first: inside a graph dynamo traces, the checks below would each break it
+        not torch.compiler.is_compiling()
+        and x.dtype == weight.dtype == torch.float32
         and x.device.type == "cpu"
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.enabled
         and torch.backends.mkldnn.is_available()
         and _x86_with_avx()
-        and not torch.compiler.is_compiling()
     )
 
 
