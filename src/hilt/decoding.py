@@ -120,11 +120,11 @@ def decoding_weights(
 
     ``compute_dtype`` None keeps the model's precision. An fp32 model on CPU still gets a decoding copy, one that
     shares the model's matrices and adds oneDNN-packed twins of them (``hilt.kernels.onednn_packed``: torch's fp32
-    matmul is MKL's, slow on AMD CPUs); the LM head's twin serves single-row steps too. Elsewhere: the model itself
-    and its head."""
+    matmul is MKL's, slow on AMD CPUs; ``kernels.onednn_serves`` says where); the LM head's twin serves single-row
+    steps too. Elsewhere: the model itself and its head."""
     if compute_dtype is None:
-        fp32_cpu = model.head.weight.dtype == torch.float32 and model.head.weight.device.type == "cpu"
-        if not (fp32_cpu and torch.backends.mkldnn.is_available()):
+        weight = model.head.weight
+        if not (weight.dtype == torch.float32 and kernels.onednn_serves(weight.dtype, weight.device)):
             return model, model.head
         compute_dtype = torch.float32
     fingerprint = _fingerprint(model)

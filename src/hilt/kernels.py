@@ -221,12 +221,7 @@ def onednn_packed(weight: torch.Tensor, rows: int = 16) -> torch.Tensor | None:
     where there is one. Two threads of an AVX-512 AMD EPYC, an LM head of GPT-2's vocabulary at 83 rows: 64-wide
     80 -> 20 us a row, 256-wide 203 -> 63; with both libraries capped at AVX2, 64-wide 50 -> 28; a 2048^3 matmul
     200 -> 474 GFLOP/s (docs/performance.md)."""
-    if (
-        weight.dtype not in (torch.bfloat16, torch.float32)
-        or (weight.dtype == torch.float32 and not _x86_with_avx())
-        or weight.device.type != "cpu"
-        or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
-    ):
+    if not onednn_serves(weight.dtype, weight.device):
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
@@ -234,6 +229,17 @@ def onednn_packed(weight: torch.Tensor, rows: int = 16) -> torch.Tensor | None:
     except (AttributeError, RuntimeError):  # private ops (inductor's): a torch without them keeps F.linear
         return None
     return packed
+
+
+def onednn_serves(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this module sends products of ``dtype`` on ``device`` to oneDNN: bf16 on a CPU, fp32 on an x86 one,
+    with oneDNN in torch and switched on."""
+    return (
+        device.type == "cpu"
+        and (dtype == torch.bfloat16 or (dtype == torch.float32 and _x86_with_avx()))
+        and torch.backends.mkldnn.enabled
+        and torch.backends.mkldnn.is_available()
+    )
 
 
 @functools.cache
@@ -259,12 +265,9 @@ def onednn_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
         # first: inside a graph dynamo traces, the checks below would each break it
         not torch.compiler.is_compiling()
         and x.dtype == weight.dtype == torch.float32
-        and x.device.type == "cpu"
         and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
-        and torch.backends.mkldnn.enabled
-        and torch.backends.mkldnn.is_available()
-        and _x86_with_avx()
+        and onednn_serves(x.dtype, x.device)
     )
 
 
