@@ -1,5 +1,5 @@
 """Where the engine's time goes: engine_bench's workload at one concurrency, with a clock around each part of the
-decoding copy (main attention, its kernel, the ILTs, feed-forward, the LM head, sampling), summed over the run.
+decoding copy (main layers, their attention with its kernel, the ILTs, the LM head, sampling), summed over the run.
 
     .venv/bin/python benchmarks/engine_step_split.py --concurrency 16
     .venv/bin/python benchmarks/engine_step_split.py --concurrency 1
@@ -66,9 +66,8 @@ def main() -> None:
     engine = engine_module.Engine(model, max_slots=max(64, args.requests), compute_dtype=bf16).start()
     decoder = engine.decoder
     for layer in decoder.layers:
-        layer.attn.forward = clocked(layer.attn.forward, "main attention (projections + attend)")
+        layer.forward = clocked(layer.forward, "main layer (norms, projections, attention, feed-forward)")
         layer.attn.attend = clocked(layer.attn.attend, "main attend (cache + kernel)")
-        layer.ff.forward = clocked(layer.ff.forward, "main feed-forward")
     for ilt in decoder.ilts:
         ilt.forward = clocked(ilt.forward, "ILT")
     for name, part in (

@@ -209,6 +209,64 @@ def test_lowered_copy_matches_autocast_exactly_and_leaves_the_model_alone():
         assert torch.equal(lowered.features(ids), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"ilt_window": 2}, {"ilt_embed": True}, {"ilt_kind": "depth_multiway"}]
+)
+def test_the_decoding_layers_compute_the_reference_layers_bit_for_bit(dtype, overrides):
+    """DecodingLayer and DecodingILT skip module calls only: prefill and a cached single-row step (the engine's and
+    hilt.generate's, with oneDNN off as they run it) give the same bits as the reference classes on the same copy."""
+    from hilt.decoding import DecodingILT, DecodingLayer, lowered_copy, onednn_disabled
+    from hilt.model import InterLayerTransformer, TransformerLayer
+
+    model = tiny_model(**overrides)
+    lowered = lowered_copy(model, dtype)
+    layers = [m for m in lowered.modules() if type(m) in (DecodingLayer, DecodingILT)]
+    assert len(layers) == model.config.n_layers + (
+        model.config.n_layers_ilt * (model.config.n_layers - 1) + model.config.n_layers - 1
+        if model.config.ilt_kind == "design"
+        else 0
+    )
+    prompt, step = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (1, 1))
+
+    def run():
+        cache = KVCache(model.config.n_layers, model.config.max_seq_len)
+        with torch.inference_mode():
+            prefill = lowered.features(prompt)
+            lowered.features(prompt[:1], cache=cache)
+            with onednn_disabled():
+                return prefill, lowered.features(step, cache=cache)
+
+    fast = run()
+    for m in layers:
+        m.__class__ = TransformerLayer if type(m) is DecodingLayer else InterLayerTransformer
+    reference = run()
+    assert all(torch.equal(a, b) for a, b in zip(fast, reference, strict=True))
+
+
+def test_the_decoding_layers_take_the_reference_in_training_mode():
+    from hilt.decoding import lowered_copy
+    from hilt.model import InterLayerTransformer, TransformerLayer
+
+    lowered = lowered_copy(tiny_model(dropout=0.5, ilt_dropout=0.5), torch.float32).train()
+    x = torch.randn(2, 5, lowered.config.d_model)
+    outputs = []
+    for forward in (lambda: lowered.layers[0](x), lambda: TransformerLayer.forward(lowered.layers[0], x)):
+        torch.manual_seed(0)
+        outputs.append(forward())
+    for forward in (
+        lambda: lowered.ilts[0]([x, x]),
+        lambda: InterLayerTransformer.forward(lowered.ilts[0], [x, x]),
+    ):
+        torch.manual_seed(0)
+        outputs.append(forward())
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[2], outputs[3])
+    torch.manual_seed(1)
+    assert not torch.equal(
+        lowered.layers[0](x), outputs[0]
+    )  # dropout is on: training really is the reference
+
+
 def test_the_decoding_copy_is_built_once_and_rebuilt_when_the_weights_change():
     from hilt.decoding import decoding_weights, forget_decoding_weights
 

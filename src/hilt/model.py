@@ -93,15 +93,24 @@ class MultiHeadAttention(nn.Module):
         layer_idx: int = 0,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        qkv = self.qkv(x)  # (B, T, 3C)
+        y = self.attention(self.qkv(x), cache, layer_idx, attn_mask)  # (B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+    def attention(
+        self,
+        qkv: torch.Tensor,
+        cache: KVCache | None,
+        layer_idx: int,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The fused projection qkv (B, T, 3C) -> the heads' outputs joined (B, T, C): a CPU speed path with the
+        same maths where one fits (hilt/kernels.py), else the reference ``attend``."""
         attn_dropout = self.dropout if self.short and self.training else 0.0
         plain_causal = cache is None and attn_mask is None
         kernel = kernels.attention_kernel(qkv, self.short, plain_causal) if self.cpu_kernels else None
-        if kernel is not None:  # a CPU speed path with the same maths (hilt/kernels.py)
-            y = kernel(qkv, self.n_heads, attn_dropout)
-        else:
-            y = self.attend(qkv, cache, layer_idx, attn_mask, attn_dropout)
-        return self.resid_dropout(self.proj(y))
+        if kernel is not None:
+            return kernel(qkv, self.n_heads, attn_dropout)
+        return self.attend(qkv, cache, layer_idx, attn_mask, attn_dropout)
 
     def attend(
         self,
