@@ -7,7 +7,12 @@ the machine's speed hits both alike. Both build the same model from the same see
 
 Measured per revision: a default-shape training step (HILT and n_layers_ilt=0, batch 16 x 128, the precision
 train.py would use, freed memory kept as train.py does) and batch-1 cached decoding (tokens/s, bf16 where training
-autocasts). Prints medians and new/old ratios.
+autocasts; ``--fp32``: both in fp32). Prints medians and new/old ratios. Batch 1 in fp32 as on a CPU without native
+bf16, against the commit before the engine, with torch's kernels capped at AVX2:
+
+    git worktree add /tmp/before cda081e^
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        .venv/bin/python benchmarks/ab_revisions.py /tmp/before/src src --fp32 --tasks decode
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from hilt.memory import freed_memory_kept
 from hilt.model import HierarchicalTransformer, ModelConfig
 from hilt.train import TrainConfig, build_optimizer
 
-dtype = autocast_dtype(torch.device("cpu"), True)
+dtype = None if sys.argv[2] == "fp32" else autocast_dtype(torch.device("cpu"), True)
 x = torch.randint(0, 50260, (16, 129), generator=torch.Generator().manual_seed(0))
 jobs = {}
 for name, ilt in (("hilt", {}), ("plain", {"n_layers_ilt": 0})):
@@ -65,6 +70,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per worker")
     p.add_argument(
+        "--fp32",
+        action="store_true",
+        help="train and decode in fp32 everywhere (what train.py and hilt generate do without native bf16)",
+    )
+    p.add_argument(
         "--tasks",
         default="hilt,plain,decode",
         help="which of hilt, plain, decode to time (default all three)",
@@ -74,7 +84,7 @@ def main() -> None:
     for label, src in (("old", args.old_src), ("new", args.new_src)):
         env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
         workers[label] = subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(args.threads)],
+            [sys.executable, "-c", WORKER, str(args.threads), "fp32" if args.fp32 else "default"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
