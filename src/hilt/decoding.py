@@ -47,8 +47,8 @@ def _norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 class DecodingLayer(TransformerLayer):
     """A main layer or an ILT's layer in the decoding copy: the reference ``TransformerLayer`` step for step, in
     one function that calls its pieces' computations directly. The reference goes through nine module calls and
-    two identity dropouts per layer; at a token's ~60 small operators per ILT that bookkeeping is a fifth of an
-    ILT's time (one row, fp32: an ILT 217 -> 160 us). Eval mode only: training takes the reference."""
+    two identity dropouts per layer; next to an ILT's ~53 small operators that bookkeeping is a quarter of its time
+    (one row, fp32: an ILT 217 -> 160 us). Eval mode only: training takes the reference."""
 
     def forward(self, x, cache=None, layer_idx=0, attn_mask=None, attn_input=None):
         if self.training:
@@ -85,9 +85,9 @@ def lowered_copy(model: HierarchicalTransformer, dtype: torch.dtype) -> Hierarch
     training's autocast computes (``hilt.kernels.MixedDtypeLinear`` casts the fp32 activations), without casting
     every weight at every token; each matrix also gets a oneDNN-packed twin where there is one (in the model's own
     dtype the matrices are shared and only the twins are new). The embedding, norms and positions stay the model's
-    own tensors, shared, not copied. Attention, layers and design ILTs become ``DecodingAttention``, ``DecodingLayer``
-    and ``DecodingILT``: the same parameters and maths, a faster decoding step. Building one takes ~31 ms at the default size: ``decoding_weights`` keeps it
-    between calls."""
+    own tensors, shared, not copied. Attention, layers and design ILTs become ``DecodingAttention``,
+    ``DecodingLayer`` and ``DecodingILT``: the same parameters and maths, a faster decoding step. Building one takes
+    ~31 ms at the default size: ``decoding_weights`` keeps it between calls."""
     shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
     # plain tensors even when called under inference mode: the copy outlives this call in the cache
     with torch.inference_mode(False), torch.no_grad():
