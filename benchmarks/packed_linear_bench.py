@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hilt.kernels import onednn_packed  # noqa: E402
+from hilt.kernels import onednn_linear, onednn_packed  # noqa: E402
 
 SHAPES = [(256, 768), (256, 1024), (1024, 256), (128, 512), (256, 50260)]  # (in, out)
 
@@ -60,7 +60,7 @@ def main() -> None:
             for rows in (1, 4, 16, 64):
                 x = torch.randn(rows, n_in).bfloat16()
                 plain = functools.partial(F.linear, x, weight, bias)
-                fast = functools.partial(torch.ops.mkldnn._linear_pointwise, x, packed, bias, "none", [], "")
+                fast = functools.partial(onednn_linear, x, packed, bias)
                 times = {"onednn": [], "none": [], "packed": []}
                 for _ in range(args.rounds):
                     times["onednn"].append(timed(plain, repeats))
