@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hilt.cli import main
+from hilt.decoding import cache_dtype
 from hilt.generate import (
     TextStreamer,
     beam_search,
@@ -138,6 +139,28 @@ def test_cached_logits_of_every_step_equal_a_full_recomputation(ilt_kind):
             for p in model.ilts.parameters():
                 p.zero_()
             assert (model(seq) - full).abs().max() > 1e-2
+
+
+def test_a_wider_cache_holds_bf16_keys_exactly_and_attends_in_its_dtype():
+    # decoding keeps an fp32 cache under bf16 compute on CPU (faster attention); the keys are the bf16 ones
+    assert cache_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+    model = tiny_model().to(torch.bfloat16)
+    seq = torch.randint(0, 97, (2, 24))
+    wide, narrow = KVCache(model.config.n_layers, 32, torch.float32), KVCache(model.config.n_layers, 32)
+    with torch.inference_mode():
+        full = model(seq).float()
+        steps = {c: [model(seq[:, :6], cache=c)] for c in (wide, narrow)}
+        for c in (wide, narrow):
+            steps[c] += [model(seq[:, t : t + 1], cache=c) for t in range(6, 24)]
+    assert wide.k.dtype == torch.float32 and narrow.k.dtype == torch.bfloat16
+    assert torch.equal(wide.k, wide.k.bfloat16().float())  # nothing finer than bf16 was stored
+    assert torch.equal(wide.k[0].bfloat16(), narrow.k[0])  # same inputs to layer 0: the same keys
+    for c in (wide, narrow):
+        logits = torch.cat(steps[c], dim=1)
+        assert logits.dtype == torch.bfloat16
+        assert (
+            logits.float() - full
+        ).abs().max() < 0.1  # bf16 rounding of ~unit logits, not a different model
 
 
 def test_cached_keys_and_values_come_from_the_modulated_hidden_states():

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hilt import memory
-from hilt.decoding import decoding_weights, without_onednn
+from hilt.decoding import cache_dtype, decoding_weights, without_onednn
 from hilt.device import release_openmp_workers
 from hilt.generate import TextStreamer, context_start, sample_next_token
 from hilt.kernels import greedy_tokens
@@ -128,7 +128,7 @@ class Engine:
         c = model.config
         self.max_seq_len = c.max_seq_len
         self.device = model.head.weight.device
-        self.cache_dtype = compute_dtype or model.head.weight.dtype
+        self.cache_dtype = cache_dtype(compute_dtype or model.head.weight.dtype, self.device)
         per_slot = SlotCache.bytes_per_slot(c.n_layers, c.max_seq_len, c.d_model, self.cache_dtype)
         self.n_slots = max_slots if cache_memory is None else max(1, min(max_slots, cache_memory // per_slot))
         self.cache_bytes = self.n_slots * per_slot

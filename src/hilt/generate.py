@@ -19,7 +19,7 @@ from typing import TextIO
 import torch
 import torch.nn.functional as F
 
-from hilt.decoding import decoding_weights, without_onednn
+from hilt.decoding import cache_dtype, decoding_weights, without_onednn
 from hilt.errors import UserError
 from hilt.kernels import greedy_tokens
 from hilt.kv_cache import KVCache
@@ -130,7 +130,10 @@ class _Context:
         self.model, self.head = decoding_weights(model, compute_dtype)
         self.max_seq_len = model.config.max_seq_len
         # the cache never holds more than one window, nor more than the sequences will ever be long
-        self.cache = KVCache(model.config.n_layers, min(self.max_seq_len, longest)) if use_cache else None
+        dtype = cache_dtype(compute_dtype or self.head.weight.dtype, self.head.weight.device)
+        self.cache = (
+            KVCache(model.config.n_layers, min(self.max_seq_len, longest), dtype) if use_cache else None
+        )
         self.start = 0  # the window start the cache's contents were computed for
 
     def next_logits(self, tokens: torch.Tensor) -> torch.Tensor:

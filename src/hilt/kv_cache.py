@@ -11,15 +11,17 @@ import torch
 
 
 class KVCache:
-    """Keys and values of every main layer: ``k``/``v`` are (L, B, H, max_len, D), allocated on first use with
-    the dtype and device of the first keys written (so bf16 autocast gets a bf16 cache).
+    """Keys and values of every main layer: ``k``/``v`` are (L, B, H, max_len, D), allocated on first use on the
+    device of the first keys written, in ``dtype`` or else theirs (so bf16 autocast gets a bf16 cache). A wider
+    ``dtype`` holds the keys exactly and the model then attends in it (``hilt.decoding.cache_dtype``'s reason).
 
     ``length`` counts the positions already stored; the model reads it as the position of its next token.
     """
 
-    def __init__(self, n_layers: int, max_len: int):
+    def __init__(self, n_layers: int, max_len: int, dtype: torch.dtype | None = None):
         self.n_layers = n_layers
         self.max_len = max_len
+        self.dtype = dtype
         self.length = 0
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
@@ -33,10 +35,11 @@ class KVCache:
         end = self.length + T
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        if self.k is None or self.k.shape[1] != B or self.k.dtype != k.dtype:
+        dtype = self.dtype or k.dtype
+        if self.k is None or self.k.shape[1] != B or self.k.dtype != dtype:
             if self.length:
                 raise ValueError("KV cache batch size or dtype changed mid-sequence")
-            self.k = k.new_zeros(self.n_layers, B, H, self.max_len, D)
+            self.k = k.new_zeros(self.n_layers, B, H, self.max_len, D, dtype=dtype)
             self.v = torch.zeros_like(self.k)
         self.k[layer_idx, :, :, self.length : end] = k
         self.v[layer_idx, :, :, self.length : end] = v
@@ -64,10 +67,12 @@ class KVCache:
 class SlotCache:
     """Keys and values for a batch of independent sequences (the engine's slots), each with its own length.
 
-    ``k``/``v`` are (L, N, H, max_len, D): N slots, pre-allocated at once (zeros, so a key that was never written is
-    finite and a mask can hide it). ``lengths[i]`` counts the positions slot i holds. Before each model call the
-    owner says which slots the call covers and how many real tokens each adds (``bind``); the model then calls
-    ``update`` for every layer and ``advance`` once, as with ``KVCache``. Two kinds of call:
+    ``k``/``v`` are (L, N, H, max_len, D) in ``dtype``: N slots, pre-allocated at once (zeros, so a key that was
+    never written is finite and a mask can hide it). A fresh call's attention reads the keys it was given; the
+    others read the buffers, so a wider ``dtype`` than the keys' makes them attend in it (see ``KVCache``).
+    ``lengths[i]`` counts the positions slot i holds. Before each model call the owner says which slots the call
+    covers and how many real tokens each adds (``bind``); the model then calls ``update`` for every layer and
+    ``advance`` once, as with ``KVCache``. Two kinds of call:
 
     - fresh (a prompt, or a window re-read after a slide): the slots start empty; the ids are right-padded to the
       longest row, so the padding lands after each row's real tokens, where the plain causal mask keeps every real
@@ -148,9 +153,9 @@ class SlotCache:
                 s = slots[0]
                 self.k[layer_idx, s : s + 1, :, :T] = k
                 self.v[layer_idx, s : s + 1, :, :T] = v
-            else:
-                self.k[layer_idx, self._index, :, :T] = k
-                self.v[layer_idx, self._index, :, :T] = v
+            else:  # index_put takes no other dtype (slice assignment converts by itself)
+                self.k[layer_idx, self._index, :, :T] = k.to(self.k.dtype)
+                self.v[layer_idx, self._index, :, :T] = v.to(self.v.dtype)
             return k, v  # the padded rows' keys beyond their length are hidden by the causal mask
         first = slots[0]
         if len(slots) == 1:  # as few indexing calls as KVCache: this is every batch-1 decoding step
@@ -168,8 +173,8 @@ class SlotCache:
         end = int(self._pos.max()) + 1
         if end > self.max_len:
             raise ValueError(f"SlotCache full: {end} positions > max_len {self.max_len}")
-        keys[self._rows, :, self._pos] = k[:, :, 0]  # (B, H, D) into each row's own next position
-        values[self._rows, :, self._pos] = v[:, :, 0]
+        keys[self._rows, :, self._pos] = k[:, :, 0].to(keys.dtype)  # (B, H, D) into each row's next position
+        values[self._rows, :, self._pos] = v[:, :, 0].to(values.dtype)
         return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, n: int) -> None:
