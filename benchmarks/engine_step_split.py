@@ -63,7 +63,7 @@ def main() -> None:
     pick = kernels.decode_attention_kernel
     clocked_kernel = clocked(kernels.decode_attention, "decode_attention kernel")
     kernels.decode_attention_kernel = lambda q, mask: clocked_kernel if pick(q, mask) is not None else None
-    engine = engine_module.Engine(model, max_slots=max(64, args.requests), compute_dtype=bf16).start()
+    engine = engine_module.Engine(model, max_slots=max(64, args.concurrency), compute_dtype=bf16).start()
     decoder = engine.decoder
     for layer in decoder.layers:
         layer.forward = clocked(layer.forward, "main layer (norms, projections, attention, feed-forward)")
