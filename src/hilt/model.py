@@ -126,7 +126,8 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=2))  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, H, S, D): everything seen so far
-            q = q.to(k.dtype)  # a cache may keep keys wider than the queries: attend in its dtype
+            if k.dtype != q.dtype:  # a cache may keep keys wider than the queries: attend in its dtype
+                q = q.to(k.dtype)
         S = k.size(2)
         is_causal = attn_mask is None and S > 1
         if attn_mask is None and S != T:
@@ -136,7 +137,8 @@ class MultiHeadAttention(nn.Module):
             if T > 1:
                 attn_mask = torch.ones(T, S, dtype=torch.bool, device=qkv.device).tril(diagonal=S - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask, attn_dropout, is_causal=is_causal)
-        return y.transpose(1, 2).reshape(B, T, C).to(qkv.dtype)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return y if y.dtype == qkv.dtype else y.to(qkv.dtype)
 
 
 class FeedForward(nn.Module):
