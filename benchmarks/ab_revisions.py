@@ -7,7 +7,8 @@ the machine's speed hits both alike. Both build the same model from the same see
 
 Measured per revision: a default-shape training step (HILT and n_layers_ilt=0, batch 16 x 128, the precision
 train.py would use, freed memory kept as train.py does) and batch-1 cached decoding (tokens/s, bf16 where training
-autocasts; ``--fp32``: both in fp32). Prints medians and new/old ratios. Batch 1 in fp32 as on a CPU without native
+autocasts; ``--fp32``: both in fp32; ``--prompt_tokens``: after a longer prompt, where attention over the cache
+weighs more). Prints medians and new/old ratios. Batch 1 in fp32 as on a CPU without native
 bf16, against the commit before the engine, with torch's kernels capped at AVX2:
 
     git worktree add /tmp/before cda081e^
@@ -36,6 +37,7 @@ from hilt.train import TrainConfig, build_optimizer
 
 dtype = None if sys.argv[2] == "fp32" else autocast_dtype(torch.device("cpu"), True)
 x = torch.randint(0, 50260, (16, 129), generator=torch.Generator().manual_seed(0))
+prompt = torch.randint(0, 50260, (1, int(sys.argv[3])), generator=torch.Generator().manual_seed(1))
 jobs = {}
 for name, ilt in (("hilt", {}), ("plain", {"n_layers_ilt": 0})):
     torch.manual_seed(0)
@@ -52,7 +54,7 @@ def train_step(name):
 
 def decode():
     model = jobs["hilt"][0].eval()
-    return generate(model, x[:1, :8], 48, temperature=0, compute_dtype=dtype)
+    return generate(model, prompt, 48, temperature=0, compute_dtype=dtype)
 
 for line in sys.stdin:
     what = line.strip()
@@ -75,6 +77,9 @@ def main() -> None:
         help="train and decode in fp32 everywhere (what train.py and hilt generate do without native bf16)",
     )
     p.add_argument(
+        "--prompt_tokens", type=int, default=8, help="decode's prompt length (default 8; up to 976)"
+    )
+    p.add_argument(
         "--tasks",
         default="hilt,plain,decode",
         help="which of hilt, plain, decode to time (default all three)",
@@ -84,7 +89,14 @@ def main() -> None:
     for label, src in (("old", args.old_src), ("new", args.new_src)):
         env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
         workers[label] = subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(args.threads), "fp32" if args.fp32 else "default"],
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                str(args.threads),
+                "fp32" if args.fp32 else "default",
+                str(args.prompt_tokens),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -110,7 +122,7 @@ def main() -> None:
     names = {
         "hilt": "training step, HILT (s)",
         "plain": "training step, n_layers_ilt=0 (s)",
-        "decode": "48 greedy tokens, batch 1, cached (s)",
+        "decode": f"48 greedy tokens after {args.prompt_tokens}, batch 1, cached (s)",
     }
     for task in tasks:
         old, new = (statistics.median(times[(label, task)]) for label in ("old", "new"))
