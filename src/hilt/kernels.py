@@ -191,8 +191,9 @@ class MixedDtypeLinear(nn.Linear):
     ``hilt.decoding.without_onednn`` runs on torch's own GEMV stay there: with the weights out of cache after a
     whole step, that GEMV beats the packed weight (a step 8.5 vs 12.4 ms). ``pack(single_row=True)`` keeps the
     packed weight there too: for an fp32 LM head, whose single-row product torch gives to MKL (a 256 x 50,260 head:
-    3.8 ms, packed 1.0 ms; fp32 decoding at batch 1 127 -> 193 tokens/s). A packed layer must be packed again
-    after its weight changes: the decoding copy never changes, it is rebuilt."""
+    3.8 ms, packed 1.0 ms; fp32 decoding at batch 1 127 -> 193 tokens/s), and the fp32 main layers
+    (``hilt.decoding.lowered_copy``). A packed layer must be packed again after its weight changes: the decoding
+    copy never changes, it is rebuilt."""
 
     packed: torch.Tensor | None = None
     packed_single_row = False
