@@ -158,9 +158,8 @@ def test_a_wider_cache_holds_bf16_keys_exactly_and_attends_in_its_dtype():
     for c in (wide, narrow):
         logits = torch.cat(steps[c], dim=1)
         assert logits.dtype == torch.bfloat16
-        assert (
-            logits.float() - full
-        ).abs().max() < 0.1  # bf16 rounding of ~unit logits, not a different model
+        error = (logits.float() - full).abs().max()
+        assert error < 0.1  # bf16 rounding of ~unit logits, not a different model
 
 
 def test_cached_keys_and_values_come_from_the_modulated_hidden_states():
