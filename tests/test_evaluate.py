@@ -5,11 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hilt import kernels
 from hilt.cli import main
 from hilt.data import TokenBatches
 from hilt.evaluate import HeadLoss, evaluate_tokens, run_eval, sliding_windows
-from hilt.model import HierarchicalTransformer
+from hilt.model import HierarchicalTransformer, kernels
 from hilt.tokenizer import Tokenizer
 from hilt.train import TrainConfig, Trainer, run_training
 from tests.conftest import DATA_TXT, tiny_config

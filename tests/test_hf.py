@@ -15,7 +15,8 @@ pytest.importorskip("transformers")
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline  # noqa: E402
 
-import hilt.config  # noqa: E402
+import hilt.model.config  # noqa: E402
+import hilt.model.ilts  # noqa: E402
 from hilt.checkpoint import FORMAT_VERSION, atomic_save, load_model_and_tokenizer  # noqa: E402
 from hilt.cli import main, subcommand_parsers  # noqa: E402
 from hilt.generate import generate  # noqa: E402
@@ -89,10 +90,11 @@ def test_the_folder_holds_every_file_and_the_packages_own_model_code(exported):
         *HF_FILES,
     } <= names
     for name in MODEL_FILES:  # byte for byte: the exported model cannot drift from the trained one
-        assert (folder / name).read_bytes() == (PACKAGE / name).read_bytes(), name
+        assert (folder / name).read_bytes() == (PACKAGE / "model" / name).read_bytes(), name
     for name in HF_FILES:  # only the import depth differs, and nothing imports hilt
         exported_code = (folder / name).read_text()
-        assert exported_code == (PACKAGE / "hf" / name).read_text().replace("from ..", "from .")
+        source = (PACKAGE / "hf" / name).read_text()
+        assert exported_code == source.replace("from ..model.", "from .").replace("from ..", "from .")
         assert "hilt." not in "".join(line for line in exported_code.splitlines() if "import" in line)
 
     config = json.loads((folder / "config.json").read_text())
@@ -113,7 +115,12 @@ def test_the_folder_holds_every_file_and_the_packages_own_model_code(exported):
         0o666 & ~umask
     }  # not mkdtemp's 0o700
     card = (folder / "README.md").read_text()
-    assert "4.5678" in card and "1,234" in card and "data.txt" in card and "| ILT kind | design |" in card
+    assert (
+        "4.5678" in card
+        and "1,234" in card
+        and "data.txt" in card
+        and "| ILT kind | design (the seed's ILT" in card
+    )
 
 
 def test_tied_weights_are_stored_once(exported):
@@ -141,16 +148,12 @@ def test_the_tokenizer_encodes_as_hilt_does_with_the_special_tokens_at_hilts_ids
 # --- the transformers model equals HILT's --------------------------------------------------------------------
 
 
-# every ILT kind the config knows (the kinds beyond the design are landing in parallel), the design's variants,
-# the plain transformer and an untied head
-ILT_KINDS = getattr(hilt.config, "ILT_KINDS", ("design",))
+# every registered ILT kind, the design with a longer window, the plain transformer and an untied head
+ILT_KINDS = tuple(hilt.model.ilts.KINDS)
 KINDS = {
     **{kind: {"ilt_kind": kind} for kind in ILT_KINDS if kind != "design"},
     "design": {},
     "no-ilt": {"n_layers_ilt": 0},
-    "ilt_gate": {"ilt_gate": True},
-    "ilt_embed": {"ilt_embed": True},
-    "ilt_zero_init": {"ilt_zero_init": True},
     "window-3": {"ilt_window": 3, "n_layers": 4},
     "untied": {"tie_weights": False},
 }
@@ -185,7 +188,7 @@ def test_modulation_scale_comes_from_the_generation_config_or_the_call(exported)
         assert (hf(ids, modulation_scale=3.0).logits - model(ids, modulation_scale=3.0)).abs().max() < 1e-5
     rescaled = HierarchicalTransformer(model.config).eval()
     rescaled.load_state_dict(model.state_dict())
-    rescaled.config = hilt.config.ModelConfig.from_dict(
+    rescaled.config = hilt.model.config.ModelConfig.from_dict(
         {**model.config.to_dict(), "modulation_scale_end": 3.0}
     )
     expected = hilt_greedy(rescaled, ids[0].tolist(), 10)

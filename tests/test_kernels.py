@@ -1,4 +1,4 @@
-"""The CPU speed paths of hilt/kernels.py against the reference layers of hilt/model.py: forward and backward, in
+"""The CPU speed paths of hilt/model/kernels.py against the reference layers of hilt/model/layers.py: forward and backward, in
 fp64 (agreement to 1e-10) on the shapes the model gives them, so a kernel can change without re-reading the
 reference."""
 
@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hilt import kernels
-from hilt.model import HierarchicalTransformer, MultiHeadAttention
+from hilt.model import HierarchicalTransformer, MultiHeadAttention, kernels
 from tests.conftest import tiny_config
 
 
@@ -33,7 +32,7 @@ def _reference(attn: MultiHeadAttention):
             5,
             32,
             4,
-        ),  # ilt_embed with window 2, and a main layer's short sequence
+        ),  # a main layer's short sequence
         (kernels.explicit_attention, 2, 128, 64, 8),  # a main layer at EXPLICIT_ATTENTION_MAX_LEN
     ],
 )
@@ -47,11 +46,11 @@ def test_every_attention_kernel_equals_the_reference_forward_and_backward_in_fp6
     assert (fast_grad - ref_grad).abs().max() < 1e-10
 
 
-@pytest.mark.parametrize("kind", ["design", "window3+embed", "plain"])
+@pytest.mark.parametrize("kind", ["design", "window3", "plain"])
 def test_the_whole_model_with_and_without_kernels_agrees_in_fp64(kind):
     overrides = {
         "design": {},
-        "window3+embed": {"ilt_window": 3, "ilt_embed": True},
+        "window3": {"ilt_window": 3},
         "plain": {"n_layers_ilt": 0},
     }
     torch.manual_seed(0)
@@ -67,8 +66,8 @@ def test_the_whole_model_with_and_without_kernels_agrees_in_fp64(kind):
         assert (p.grad - q.grad).abs().max() < 1e-10, name
 
 
-@pytest.mark.parametrize("kind", ["depth", "depth_multiway"])
-def test_the_depth_kinds_mixing_kernel_equals_the_reference_in_fp64(kind):
+def test_the_depth_kinds_mixing_kernel_equals_the_reference_in_fp64():
+    kind = "depth"
     torch.manual_seed(0)
     fast = HierarchicalTransformer(tiny_config(ilt_kind=kind, n_layers=4)).double()
     for p in fast.ilts.parameters():  # away from the zero init, so every gradient path carries something
@@ -104,10 +103,10 @@ def test_the_depth_mixing_kernels_backward_is_the_gradient_of_its_forward(stream
 
 def test_the_depth_mixing_kernel_trains_under_bf16_autocast_like_the_reference():
     torch.manual_seed(0)
-    fast = HierarchicalTransformer(tiny_config(ilt_kind="depth_multiway", n_layers=4))
+    fast = HierarchicalTransformer(tiny_config(ilt_kind="depth", n_layers=4))
     for p in fast.ilts.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    reference = HierarchicalTransformer(tiny_config(ilt_kind="depth_multiway", n_layers=4), cpu_kernels=False)
+    reference = HierarchicalTransformer(tiny_config(ilt_kind="depth", n_layers=4), cpu_kernels=False)
     reference.load_state_dict(fast.state_dict())
     idx = torch.randint(0, 97, (3, 20))
     for m in (fast, reference):
@@ -121,15 +120,14 @@ def test_the_depth_mixing_kernel_trains_under_bf16_autocast_like_the_reference()
         assert torch.allclose(p.grad, q.grad, rtol=0.1, atol=0.02 * q.grad.abs().max().item()), name
 
 
-def test_the_switch_picks_the_kernels_on_cpu_and_the_reference_otherwise():
+def test_the_model_builds_the_kernels_on_cpu_and_the_reference_when_asked():
     model = HierarchicalTransformer(tiny_config())
     assert all(type(m) is kernels.CheapDropout for m in model.modules() if isinstance(m, torch.nn.Dropout))
-    model.use_cpu_kernels(False)
-    assert all(type(m) is torch.nn.Dropout for m in model.modules() if isinstance(m, torch.nn.Dropout))
-    assert not any(getattr(m, "cpu_kernels", False) for m in model.modules())
-    assert not any(type(m) is kernels.OneDNNLinear for m in model.modules())
-    model.use_cpu_kernels(True)
     assert all(type(m) is kernels.OneDNNLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    reference = HierarchicalTransformer(tiny_config(), cpu_kernels=False)
+    assert all(type(m) is torch.nn.Dropout for m in reference.modules() if isinstance(m, torch.nn.Dropout))
+    assert not any(getattr(m, "cpu_kernels", False) for m in reference.modules())
+    assert not any(type(m) is kernels.OneDNNLinear for m in reference.modules())
     ilt_qkv = torch.randn(8, 2, 48)
     assert kernels.attention_kernel(ilt_qkv, short=True, plain_causal=True) is kernels.pair_attention
     assert kernels.attention_kernel(ilt_qkv, short=True, plain_causal=False) is None  # a cache or a mask
@@ -143,7 +141,7 @@ def test_the_switch_picks_the_kernels_on_cpu_and_the_reference_otherwise():
 
 
 def test_attention_paths_agree_explicit_for_short_bf16_training_sdpa_otherwise(monkeypatch):
-    import hilt.model as model_module
+    import hilt.model.layers as model_module
 
     sdpa_calls = []
     sdpa = model_module.F.scaled_dot_product_attention
@@ -151,7 +149,7 @@ def test_attention_paths_agree_explicit_for_short_bf16_training_sdpa_otherwise(m
         model_module.F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k)
     )
     torch.manual_seed(0)
-    attn = model_module.MultiHeadAttention(32, 4, dropout=0.0)
+    attn = model_module.MultiHeadAttention(32, 4, dropout=0.0, paths=kernels.CPU_KERNELS)
     x = torch.randn(2, 16, 32)
     with torch.no_grad():
         reference = attn(x)  # fp32: SDPA
@@ -185,7 +183,7 @@ def test_closed_form_attention_over_two_layers_keeps_the_design_dropout_on_its_t
 
 
 def test_dropout_zeroes_a_fraction_p_scales_the_rest_and_its_gradient_follows_the_mask():
-    from hilt.kernels import CheapDropout as Dropout
+    from hilt.model.kernels import CheapDropout as Dropout
 
     drop = Dropout(0.25)
     x = torch.ones(400, 500, requires_grad=True)
@@ -266,7 +264,7 @@ def test_decode_attention_is_picked_for_one_masked_bf16_query_per_row_only():
 
 def test_the_decoding_copy_runs_the_batched_step_through_the_kernel_with_the_references_logits(monkeypatch):
     from hilt.decoding import DecodingAttention, lowered_copy
-    from hilt.kv_cache import SlotCache
+    from hilt.model.kv_cache import SlotCache
 
     model = HierarchicalTransformer(tiny_config(d_model=64, n_heads=2)).eval()
     lowered = lowered_copy(model, torch.bfloat16)

@@ -2,10 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hilt import kernels
 from hilt import loss as loss_module
 from hilt.loss import LanguageModelLoss, chunked_cross_entropy
-from hilt.model import HierarchicalTransformer
+from hilt.model import HierarchicalTransformer, kernels
 from tests.conftest import tiny_config
 
 

@@ -11,8 +11,9 @@ from hilt.model import (
     MODULATION_SCALE_START,
     N_LAYERS_ILT,
     NHEAD_ILT,
+    DesignILT,
     HierarchicalTransformer,
-    InterLayerTransformer,
+    History,
     ModelConfig,
     PositionalEncoding,
 )
@@ -85,27 +86,27 @@ def test_modulation_scale_zero_equals_plain_transformer_with_same_weights():
 
 def test_ilt_layer_mask_current_sees_previous_previous_sees_only_itself():
     torch.manual_seed(1)
-    ilt = InterLayerTransformer(d_model=8, ilt_dim=8, n_heads=2, n_layers=1, dropout=0.0).eval()
+    ilt = DesignILT(d_model=8, ilt_dim=8, n_heads=2, n_layers=1, dropout=0.0).eval()
     prev, cur = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
     captured = {}
     ilt.layers[0].register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
-    ilt([prev, cur])
+    ilt.modulation([prev, cur])
     out_a = captured.pop("out")  # (B*T, W=2, E)
-    ilt([prev, cur + 1.0])  # change the current layer only
+    ilt.modulation([prev, cur + 1.0])  # change the current layer only
     out_b = captured.pop("out")
     assert torch.equal(out_a[:, 0], out_b[:, 0])  # the previous layer's slot never sees the current one
-    ilt([prev + 1.0, cur])  # change the previous layer only
+    ilt.modulation([prev + 1.0, cur])  # change the previous layer only
     out_c = captured.pop("out")
     assert not torch.allclose(out_a[:, 1], out_c[:, 1])  # the current layer's slot does see the previous one
 
 
 def test_ilt_never_mixes_positions():
-    ilt = InterLayerTransformer(d_model=8, ilt_dim=8, n_heads=2, n_layers=2, dropout=0.0).eval()
+    ilt = DesignILT(d_model=8, ilt_dim=8, n_heads=2, n_layers=2, dropout=0.0).eval()
     prev, cur = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
-    base = ilt([prev, cur])
+    base = ilt.modulation([prev, cur])
     prev2 = prev.clone()
     prev2[0, 3] += 5.0
-    moved = ilt([prev2, cur])
+    moved = ilt.modulation([prev2, cur])
     assert torch.equal(base[0, [0, 1, 2, 4]], moved[0, [0, 1, 2, 4]])
     assert not torch.allclose(base[0, 3], moved[0, 3])
 
@@ -191,7 +192,7 @@ def test_positions_and_a_mask_make_a_left_padded_row_equal_the_row_alone():
 
 # --- the ILT kinds that read the whole layer history ---------------------------------------------------------
 
-HISTORY_KINDS = ["depth", "depth_multiway", "dense", "x0"]
+HISTORY_KINDS = ["depth", "dense", "x0"]
 
 
 def history_model(kind: str, **overrides) -> HierarchicalTransformer:
@@ -204,16 +205,12 @@ def history_model(kind: str, **overrides) -> HierarchicalTransformer:
 
 
 def test_ilt_kind_and_rank_are_validated_with_the_allowed_values_named():
-    with pytest.raises(
-        ValueError, match="ilt_kind must be one of design, depth, depth_multiway, dense, x0; got 'deep'"
-    ):
+    with pytest.raises(ValueError, match="ilt_kind must be one of design, depth, dense, x0; got 'deep'"):
         ModelConfig(vocab_size=10, ilt_kind="deep")
     with pytest.raises(ValueError, match=r"ilt_rank \(300\) must be at most d_model \(256\)"):
         ModelConfig(vocab_size=10, ilt_kind="depth", ilt_rank=300)
     with pytest.raises(ValueError, match="ilt_rank must be a positive integer"):
         ModelConfig(vocab_size=10, ilt_rank=0)
-    with pytest.raises(ValueError, match="ilt_gate is a variant of ilt_kind 'design'"):
-        ModelConfig(vocab_size=10, ilt_kind="depth", ilt_gate=True)
 
 
 def test_a_config_without_ilt_kind_loads_as_the_design():
@@ -231,10 +228,7 @@ def test_history_kind_starts_as_the_exact_plain_transformer(kind):
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ilts.")})
     idx = torch.randint(0, 97, (2, 9))
     assert torch.equal(model(idx), plain(idx))
-    # one module after every main layer; the last multiway module has no next attention to feed
-    assert len(model.ilts) == 3
-    streams = [ilt.streams for ilt in model.ilts]
-    assert streams == ([2, 2, 1] if kind == "depth_multiway" else [1, 1, 1])
+    assert len(model.ilts) == 3  # one module after every main layer
 
 
 @pytest.mark.parametrize("kind", HISTORY_KINDS)
@@ -248,14 +242,14 @@ def test_history_kind_is_causal_and_never_mixes_positions(kind):
     assert not torch.allclose(a[0, 7:], b[0, 7:])
     # the module alone: a change at one position moves only that position's modulation
     ilt = model.ilts[1]
-    sources = [torch.randn(1, 5, 32) for _ in range(3)]
-    h = torch.randn(1, 5, 32)
-    base, _ = ilt(h, sources, [])
-    sources[0] = sources[0].clone()
-    sources[0][0, 3] += 5.0
-    moved, _ = ilt(h, sources, [])
-    assert torch.equal(base[0][0, [0, 1, 2, 4]], moved[0][0, [0, 1, 2, 4]])
-    assert not torch.allclose(base[0][0, 3], moved[0][0, 3])
+    sources = [torch.randn(1, 5, 32) for _ in range(2)]
+    h, state = torch.randn(1, 5, 32), torch.randn(1, 5, 32)
+    base, _ = ilt(h, History(x0=sources[0], scale=1.0, states=[sources[0], state], memo={"sources": sources}))
+    x0 = sources[0].clone()
+    x0[0, 3] += 5.0
+    moved, _ = ilt(h, History(x0=x0, scale=1.0, states=[x0, state], memo={"sources": [x0, sources[1]]}))
+    assert torch.equal(base[0, [0, 1, 2, 4]], moved[0, [0, 1, 2, 4]])
+    assert not torch.allclose(base[0, 3], moved[0, 3])
 
 
 def test_depth_module_computes_its_diagram():
@@ -264,7 +258,14 @@ def test_depth_module_computes_its_diagram():
     ilt = model.ilts[2]  # after layer 3 of 3: reads x0, d_0, d_1, d_2
     sources = [torch.randn(2, 4, 32) for _ in range(4)]
     h = torch.randn(2, 4, 32)
-    (mod,), keys = ilt(h, sources, [])
+
+    def history(keys):  # the layer's own contribution, h - its input, is the fourth source
+        return History(
+            x0=sources[0], scale=1.0, states=[h - sources[3]], memo={"sources": sources[:3], "keys": keys}
+        )
+
+    out, after = ilt(h, history([]))
+    mod, keys = out - h, after.memo["keys"]
     rms = lambda t: t / t.pow(2).mean(-1, keepdim=True).add(torch.finfo(t.dtype).eps).sqrt()  # noqa: E731
     q = rms(h) @ ilt.query.weight.T  # (2, 4, r)
     k = torch.stack([rms(s) @ ilt.key.weight.T for s in sources], dim=2)  # (2, 4, S, r)
@@ -274,8 +275,8 @@ def test_depth_module_computes_its_diagram():
     assert (mod - expected).abs().max() < 1e-5
     assert len(keys) == 4
     # keys already made are reused, not recomputed: a module keys only the sources that are new to it
-    (again,), _ = ilt(h, sources, [k[:, :, s] * 0 for s in range(3)])
-    assert not torch.allclose(again, mod)
+    again, _ = ilt(h, history([k[:, :, s] * 0 for s in range(3)]))
+    assert not torch.allclose(again - h, mod)
 
 
 def test_dense_is_the_depth_kind_without_its_attention():
@@ -286,9 +287,9 @@ def test_dense_is_the_depth_kind_without_its_attention():
         for ilt in dense.ilts:
             ilt.static.normal_()
     ilt = dense.ilts[2]
-    sources = [torch.randn(2, 4, 32) for _ in range(4)]
-    (mod,), _ = ilt(torch.randn(2, 4, 32), sources, [])
-    assert (mod - sum(ilt.static[0, s] * sources[s] for s in range(4))).abs().max() < 1e-5
+    sources, h = [torch.randn(2, 4, 32) for _ in range(4)], torch.randn(2, 4, 32)
+    out, _ = ilt(h, History(x0=sources[0], scale=1.0, states=[h - sources[3]], memo={"sources": sources[:3]}))
+    assert (out - h - sum(ilt.static[0, s] * sources[s] for s in range(4))).abs().max() < 1e-5
     depth = history_model("depth")
     state = depth.state_dict()
     state.update((k, v) for k, v in dense.state_dict().items())
@@ -298,30 +299,6 @@ def test_dense_is_the_depth_kind_without_its_attention():
             module.gate.zero_()
     idx = torch.randint(0, 97, (2, 8))
     assert torch.allclose(depth(idx), dense(idx), atol=1e-5)
-
-
-def test_multiway_feeds_the_next_attention_its_own_stream():
-    """Stream 1 reaches only the next layer's attention input: with its weights at 0 the model is the depth kind
-    with the same residual-stream weights."""
-    model = history_model("depth_multiway")
-    idx = torch.randint(0, 97, (1, 8))
-    full = model(idx)
-    with torch.no_grad():
-        for ilt in model.ilts[:-1]:
-            ilt.gate[1].zero_()
-            ilt.static[1].zero_()
-        no_attention_stream = model(idx)
-    assert not torch.allclose(full, no_attention_stream)
-    single = HierarchicalTransformer(tiny_config(ilt_kind="depth", ilt_rank=8)).eval()
-    state = {}
-    for name, value in model.state_dict().items():
-        if name.startswith("ilts.") and name.split(".")[-1] in ("gate", "static"):
-            value = value[:1]
-        elif name.startswith("ilts.") and name.endswith("query.weight"):
-            value = value[:8]
-        state[name] = value
-    single.load_state_dict(state)
-    assert torch.allclose(single(idx), no_attention_stream, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", HISTORY_KINDS)
@@ -343,3 +320,12 @@ def test_a_narrow_design_model_still_builds_its_rank_only_bounds_the_depth_kinds
     assert ModelConfig(vocab_size=97, d_model=16, n_heads=2, ilt_dim=8).ilt_kind == "design"
     with pytest.raises(ValueError, match="ilt_rank"):
         ModelConfig(vocab_size=97, d_model=16, n_heads=2, ilt_kind="depth")
+
+
+def test_a_checkpoint_config_of_a_removed_variant_is_refused_in_one_line_and_one_without_it_loads():
+    """The ablation's rejected variants are gone; configs saved before that still load where they were off."""
+    old = {**tiny_config().to_dict(), "ilt_zero_init": False, "ilt_gate": False, "ilt_embed": False}
+    assert ModelConfig.from_dict(old) == tiny_config()
+    for name, value in (("ilt_gate", True), ("ilt_embed", True), ("ilt_kind", "depth_multiway")):
+        with pytest.raises(ValueError, match=f"{name}.*no longer builds; HILT at commit ab15cea"):
+            ModelConfig.from_dict({**old, name: value})

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hilt.model import HierarchicalTransformer, InterLayerTransformer, ModelConfig
+    from hilt.model import HierarchicalTransformer, ModelConfig
 
-__all__ = ["HierarchicalTransformer", "InterLayerTransformer", "ModelConfig"]
+__all__ = ["HierarchicalTransformer", "ModelConfig"]
 __version__ = "0.1.0"
 
 

@@ -1,10 +1,13 @@
 """Checkpoints: one versioned dict of plain containers, tensors and numbers, written atomically and only ever read
 with ``torch.load(..., weights_only=True)`` so a crafted file cannot run code.
 
-Keys (FORMAT_VERSION 1): format_version, config (ModelConfig as a dict), model_state_dict, optimizer_state_dict,
+Keys (FORMAT_VERSION 2): format_version, config (ModelConfig as a dict), model_state_dict, optimizer_state_dict,
 scheduler_state_dict, scaler_state_dict, epoch (epochs completed), batch_in_epoch (batches of the current epoch
 already trained), global_step, best_loss, train_loss, val_loss, perplexity, train_config (the run's settings),
 rng_state, tokenizer (its identity string), history (per-epoch metrics).
+
+Format 1 is read too: its config may name the ILT variants the ablation rejected (``ModelConfig.REMOVED``), which
+load where they were off and are refused, in one line, where they were on.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from hilt.errors import UserError
 from hilt.files import TMP_SUFFIX, atomic_write
 from hilt.model import HierarchicalTransformer, ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 REQUIRED_KEYS = ("format_version", "config", "model_state_dict")
 CHECKPOINT_NAMES = ("best_model.pt", "last_model.pt")
 
@@ -69,8 +73,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise UserError(f"{path} is not a HILT checkpoint (missing {', '.join(missing)})")
     version = ckpt["format_version"]
-    if version != FORMAT_VERSION:
-        raise UserError(f"{path} has checkpoint format {version}; this HILT reads format {FORMAT_VERSION}")
+    if version not in READABLE_FORMATS:
+        raise UserError(
+            f"{path} has checkpoint format {version}; this HILT reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}"
+        )
     return ckpt
 
 

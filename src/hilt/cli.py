@@ -48,38 +48,22 @@ MODEL_FLAGS = {
         float,
         "curriculum end, used for eval and generation",
     ),
-    "--ilt_zero_init": (
-        "ilt_zero_init",
-        bool,
-        "ILT variant: zero-initialised output projection, so training starts as an exact plain transformer",
-    ),
-    "--ilt_gate": (
-        "ilt_gate",
-        bool,
-        "ILT variant: a learned scale per ILT, starting at modulation_scale_start, replaces the curriculum",
-    ),
-    "--ilt_embed": ("ilt_embed", bool, "ILT variant: each ILT also sees the token embedding"),
-    "--ilt_kind": (
-        "ilt_kind",
-        str,
-        "inter-layer module: design (the seed's ILT), depth (attention over the embedding and every earlier "
-        "layer), depth_multiway (depth + a stream into the next attention), dense (static weights over the "
-        "same sources) or x0 (x0 mixing)",
-    ),
-    "--ilt_rank": ("ilt_rank", int, "query/key rank of the depth kinds' attention over layers"),
+    "--ilt_kind": ("ilt_kind", str, None),  # help from the registry of kinds: see ilt_kind_help
+    "--ilt_rank": ("ilt_rank", int, "query/key rank of the depth kind's attention over layers"),
 }
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from hilt.config import ModelConfig  # plain Python, no torch
+    from hilt.model.config import ModelConfig  # plain Python, no torch
 
     defaults = {f.name: f.default for f in fields(ModelConfig)}
     g = p.add_argument_group(
         "model (ignored on --resume: the checkpoint's config rules; a contradicting flag is an error)"
     )
     for flag, (field, typ, help_text) in MODEL_FLAGS.items():
+        help_text = help_text or ilt_kind_help()
         default = defaults[field]
         if default is not None:
             help_text += f" (default {('on' if default else 'off') if typ is bool else default})"
@@ -89,6 +73,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
             )
         else:
             g.add_argument(flag, dest=field, type=typ, default=None, help=help_text)
+
+
+def ilt_kind_help() -> str:
+    from hilt.model.ilts import KINDS  # torch: only the commands that build a model have this flag
+
+    return "the inter-layer module: " + "; ".join(f"{name}: {cls.help}" for name, cls in KINDS.items())
 
 
 def model_args(args: argparse.Namespace) -> dict:

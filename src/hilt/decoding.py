@@ -5,26 +5,27 @@ computes is what training's autocast computed.
 
 from __future__ import annotations
 
-import copy
 import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from hilt import kernels
-from hilt.kernels import MixedDtypeLinear
-from hilt.model import HierarchicalTransformer, InterLayerTransformer, MultiHeadAttention, TransformerLayer
+from hilt.model import kernels
+from hilt.model.ilt_design import DesignILT
+from hilt.model.kernels import MixedDtypeLinear
+from hilt.model.layers import MultiHeadAttention, TransformerLayer
+from hilt.model.transformer import HierarchicalTransformer
 
 
 class DecodingAttention(MultiHeadAttention):
     """Attention in the decoding copy: the batched decoding step (one new token per row, a cache, a per-row
-    mask) takes the kernel ``hilt.kernels.decode_attention_kernel`` picks; every other call is the
-    reference ``attend``. Only the copy changes class, so training and the model itself never see it."""
+    mask) takes the kernel ``hilt.model.kernels.decode_attention_kernel`` picks; every other call is the
+    reference ``attend``. Only the copy is built of it, so training and the model itself never see it."""
 
     def attend(self, qkv, cache, layer_idx, attn_mask, attn_dropout):
         if attn_mask is None or cache is None or attn_dropout or not self.cpu_kernels:
@@ -50,22 +51,22 @@ class DecodingLayer(TransformerLayer):
     two identity dropouts per layer; next to an ILT's ~53 small operators that bookkeeping is a quarter of its time
     (one row, fp32: an ILT 217 -> 160 us). Eval mode only: training takes the reference."""
 
-    def forward(self, x, cache=None, layer_idx=0, attn_mask=None, attn_input=None):
+    def forward(self, x, cache=None, layer_idx=0, attn_mask=None):
         if self.training:
-            return super().forward(x, cache, layer_idx, attn_mask, attn_input)
+            return super().forward(x, cache, layer_idx, attn_mask)
         attn, ff = self.attn, self.ff
-        qkv = attn.qkv.forward(_norm(self.ln1, x if attn_input is None else attn_input))
+        qkv = attn.qkv.forward(_norm(self.ln1, x))
         x = x + attn.proj.forward(attn.attention(qkv, cache, layer_idx, attn_mask))
         return x + ff.proj.forward(F.gelu(ff.fc.forward(_norm(self.ln2, x))))
 
 
-class DecodingILT(InterLayerTransformer):
-    """The design's ILT in the decoding copy: the reference ``forward`` without its module calls and its identity
-    dropout (see ``DecodingLayer``). Eval mode only."""
+class DecodingILT(DesignILT):
+    """The design's ILT in the decoding copy: the reference ``modulation`` without its module calls and its
+    identity dropout (see ``DecodingLayer``). Eval mode only."""
 
-    def forward(self, window: list[torch.Tensor]) -> torch.Tensor:
+    def modulation(self, window: list[torch.Tensor]) -> torch.Tensor:
         if self.training:
-            return super().forward(window)
+            return super().modulation(window)
         B, T, C = window[-1].shape
         x = _norm(self.ln, self.proj_in.forward(torch.stack(window, dim=2).reshape(B * T, len(window), C)))
         for layer in self.layers:
@@ -73,32 +74,42 @@ class DecodingILT(InterLayerTransformer):
         return self.proj_out.forward(x.mean(dim=1)).view(B, T, C)
 
 
-_DECODING_CLASSES = {
-    MultiHeadAttention: DecodingAttention,
-    TransformerLayer: DecodingLayer,
-    InterLayerTransformer: DecodingILT,
-}
-
-
-def lowered_copy(model: HierarchicalTransformer, dtype: torch.dtype) -> HierarchicalTransformer:
+def lowered_copy(
+    model: HierarchicalTransformer, dtype: torch.dtype, decoding_layers: bool = True
+) -> HierarchicalTransformer:
     """An eval-mode copy of ``model`` whose main and ILT layers hold their matrices in ``dtype`` (e.g. bf16): what
-    training's autocast computes (``hilt.kernels.MixedDtypeLinear`` casts the fp32 activations), without casting
-    every weight at every token; each matrix also gets a oneDNN-packed twin where there is one (in the model's own
-    dtype the matrices are shared and only the twins are new). The embedding, norms and positions stay the model's
-    own tensors, shared, not copied. Attention, layers and design ILTs become ``DecodingAttention``,
-    ``DecodingLayer`` and ``DecodingILT``: the same parameters and maths, a faster decoding step. Building one takes
-    ~31 ms at the default size: ``decoding_weights`` keeps it between calls."""
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    training's autocast computes (``MixedDtypeLinear`` casts the fp32 activations), without casting every weight
+    at every token; each matrix also gets a oneDNN-packed twin where there is one (in the model's own dtype the
+    matrices are shared and only the twins are new). The embedding, norms and positions stay the model's own
+    tensors, shared, not copied. It is built of ``DecodingAttention``, ``DecodingLayer`` and ``DecodingILT``: the
+    same parameters and maths, a faster decoding step (``decoding_layers=False`` keeps the reference's layer and
+    ILT classes: what the tests compare it with). Building one takes ~31 ms at the default size:
+    ``decoding_weights`` keeps it between calls."""
+    paths = replace(model.paths, linear=MixedDtypeLinear, attention=DecodingAttention)
+    if decoding_layers:
+        paths = replace(paths, layer=DecodingLayer, ilts={DesignILT.kind: DecodingILT})
     # plain tensors even when called under inference mode: the copy outlives this call in the cache
     with torch.inference_mode(False), torch.no_grad():
-        lowered = copy.deepcopy(model, memo=shared).eval()
+        with torch.device("meta"):  # no memory and no initialisation: every tensor comes from the model
+            lowered = HierarchicalTransformer(model.config, paths)
+        linears = {
+            f"{prefix}.{name}"
+            for prefix in ("layers", "ilts")
+            for name, m in getattr(lowered, prefix).named_modules()
+            if isinstance(m, nn.Linear)
+        }
+        state = model.state_dict(keep_vars=True)
+        for key, tensor in state.items():
+            if key.rpartition(".")[0] in linears:
+                state[key] = nn.Parameter(tensor.detach().to(dtype), requires_grad=False)
+        lowered.load_state_dict(state, assign=True)
+        lowered.pos.pe = model.pos.pe  # not in the state dict: a pure function of the config
+        if lowered.config.tie_weights:
+            lowered.head.weight = lowered.embed.weight
+        lowered.eval()
         main_layers = {id(m) for m in lowered.layers.modules()}
         for module in (*lowered.layers.modules(), *lowered.ilts.modules()):
-            module.__class__ = _DECODING_CLASSES.get(type(module), type(module))
-            if isinstance(module, nn.Linear):
-                module.__class__ = MixedDtypeLinear
-                for name, param in list(module.named_parameters(recurse=False)):
-                    setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+            if isinstance(module, MixedDtypeLinear):
                 # fp32 single-row steps too for the main layers: with the weights out of cache after a whole
                 # step, MKL's GEMV reads them at half oneDNN's speed (fp32 batch-1 decoding 202 -> 238 tokens/s;
                 # capped at AVX2 172 -> 193). Not the ILTs' small matrices (-5%), nor bf16, where torch's own
@@ -108,36 +119,26 @@ def lowered_copy(model: HierarchicalTransformer, dtype: torch.dtype) -> Hierarch
 
 
 # --- the decoding copy, kept between calls -------------------------------------------------------------------
-# A lowered copy (and the head's bf16 copy) stays valid while the model's matrices keep their values. How a
-# stale copy is noticed, without torch's private Tensor._version:
-# - every optimizer step in the process bumps a counter (torch's public hook common to all optimizers): training
-#   steps are how weights change between two samples, and one rebuild (~31 ms) after a step costs nothing next
-#   to the step;
-# - load_state_dict on the model bumps the model's own counter (a post-hook registered with the first copy);
+# Whoever decodes (hilt.engine.Engine, hilt.generate) asks for the copy with ``decoding_weights``; it is kept per
+# model and dtype while the model's matrices keep their values. How a stale copy is noticed, without torch's
+# private Tensor._version and without any process-wide hook:
+# - load_state_dict on the model bumps the model's own counter (a post-hook registered on that model when it is
+#   first decoded);
 # - the identity of every copied matrix (object, data_ptr, shape, dtype, device) catches .to(), a reassigned
 #   parameter or a new storage;
-# - a sampled checksum (every n-th element of each copied matrix, ~64 per matrix, summed in fp64) is the backstop
-#   for in-place edits that go through none of the above (a hand-written update under no_grad, a submodule's
-#   own load_state_dict); it costs ~0.5 ms, not the 80 MB read a full checksum would. A change to a few elements
-#   that the sample misses goes unnoticed: call ``forget_decoding_weights(model)`` after such surgery.
+# - a sampled checksum (every n-th element of each copied matrix, ~64 per matrix, summed in fp64) catches
+#   optimizer steps, which move every element of every trained matrix, and other in-place edits; it costs
+#   ~0.5 ms, not the 80 MB read a full checksum would. A change to a few elements that the sample misses goes
+#   unnoticed: call ``forget_decoding_weights(model)`` after such surgery.
 # Comparing data_ptrs alone would miss every one of the usual changes: optimizer steps and load_state_dict
 # write into the same storage.
-_optimizer_steps = 0
 _loads: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 _decoding_cache: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 _cache_lock = threading.Lock()
 
 
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
 def _count_load(module: nn.Module, incompatible_keys) -> None:
     _loads[module] = _loads.get(module, 0) + 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _copied_matrices(model: HierarchicalTransformer) -> list[torch.Tensor]:
@@ -152,7 +153,7 @@ def _fingerprint(model: HierarchicalTransformer) -> tuple:
         sample = torch.stack(
             [w.detach().reshape(-1)[:: max(1, w.numel() // 64)].sum(dtype=torch.float64) for w in matrices]
         )
-    return _optimizer_steps, _loads.get(model, 0), identity, tuple(sample.tolist())
+    return _loads.get(model, 0), identity, tuple(sample.tolist())
 
 
 def decoding_weights(
@@ -163,7 +164,7 @@ def decoding_weights(
     fp32 hidden states), built once per model and dtype and rebuilt when the model's weights change (see above).
 
     ``compute_dtype`` None keeps the model's precision. An fp32 model on CPU still gets a decoding copy, one that
-    shares the model's matrices and adds oneDNN-packed twins of them (``hilt.kernels.onednn_packed``: torch's fp32
+    shares the model's matrices and adds oneDNN-packed twins of them (``kernels.onednn_packed``: torch's fp32
     matmul is MKL's, slow on AMD CPUs; ``kernels.onednn_serves`` says where); the LM head's twin serves single-row
     steps too. Elsewhere: the model itself and its head."""
     if compute_dtype is None:

@@ -43,9 +43,9 @@ from hilt import memory
 from hilt.decoding import cache_dtype, decoding_weights, without_onednn
 from hilt.device import release_openmp_workers
 from hilt.generate import TextStreamer, context_start, sample_next_token
-from hilt.kernels import greedy_tokens
-from hilt.kv_cache import SlotCache
 from hilt.model import HierarchicalTransformer
+from hilt.model.kernels import greedy_tokens
+from hilt.model.kv_cache import SlotCache
 from hilt.request import (  # noqa: F401 (re-exported: the engine's public API)
     FINISH_REASONS,
     MAX_LOGPROBS,

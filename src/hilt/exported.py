@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from hilt.config import ModelConfig
 from hilt.errors import UserError
+from hilt.model.config import REMOVED, ModelConfig
 
 META_FILE = "hilt_checkpoint.json"  # the checkpoint's keys besides config and weights, written by hilt export
 
@@ -41,14 +41,15 @@ def load_exported(path: str | Path, device: torch.device):
         )
     meta = read_json(folder / META_FILE, folder) or {}
     known = {f.name for f in fields(ModelConfig)}
-    # config.json also holds transformers' own keys, so only the exporter's list tells a newer HILT's field
-    newer = sorted(set(meta.get("config_fields", ())) - known)
+    # config.json also holds transformers' own keys, so only the exporter's list tells a newer HILT's field; an
+    # older HILT's removed variants are ModelConfig.from_dict's to judge
+    newer = sorted(set(meta.get("config_fields", ())) - known - set(REMOVED))
     if newer:
         raise UserError(
             f"{folder} was exported by a newer HILT: this one does not know ModelConfig.{', '.join(newer)}"
         )
     try:
-        config = ModelConfig.from_dict({k: v for k, v in values.items() if k in known})
+        config = ModelConfig.from_dict({k: v for k, v in values.items() if k in known or k in REMOVED})
     except (TypeError, ValueError) as e:
         raise UserError(f"{folder}/config.json: invalid model config: {e}") from None
     weights = folder / "model.safetensors"

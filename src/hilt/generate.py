@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from hilt.decoding import cache_dtype, decoding_weights, without_onednn
 from hilt.errors import UserError
-from hilt.kernels import greedy_tokens
-from hilt.kv_cache import KVCache
 from hilt.model import HierarchicalTransformer
+from hilt.model.kernels import greedy_tokens
+from hilt.model.kv_cache import KVCache
 
 # --- sampling filters: pure functions of the logits ----------------------------------------------------------
 

@@ -9,15 +9,16 @@ hot path changes.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hilt.errors import UserError
-from hilt.kernels import causal_weights
-from hilt.model import HierarchicalTransformer, MultiHeadAttention
+from hilt.model.ilts import ilt_class
+from hilt.model.kernels import causal_weights
+from hilt.model.layers import MultiHeadAttention
+from hilt.model.transformer import HierarchicalTransformer
 
 
 def attention_weights(attn: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
@@ -28,47 +29,23 @@ def attention_weights(attn: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor
     return causal_weights(q, k)  # (N, H, W, W): the very weights the ILT's short attention applies
 
 
-def window_labels(model: HierarchicalTransformer, ilt_index: int, window_len: int) -> list[str]:
-    """Names of the rows ILT ``ilt_index`` (0-based) mixes: "emb" for the embedding, "L<n>" for the output of main
-    layer n (1-based). ILT i runs after layer i + 2 (1-based), so its newest row is L(i + 2)."""
-    labels = ["emb"] if model.config.ilt_embed else []
-    n_layers = window_len - len(labels)
-    newest = ilt_index + 2
-    return labels + [f"L{newest - n_layers + 1 + j}" for j in range(n_layers)]
-
-
 @torch.no_grad()
 def ilt_stats(
     model: HierarchicalTransformer, idx: torch.Tensor, modulation_scale: float | None = None
 ) -> dict:
     """Per-ILT statistics over the tokens of ``idx`` (B, T), model in eval mode, at ``modulation_scale`` (None: the
-    config's final value; a gated ILT uses its learned gate instead).
-
-    Returns lists indexed by ILT:
-      ``scale``     the factor the modulation is multiplied by;
-      ``ratio``     mean over tokens of |scale * modulation| / |layer output it is added to| (L2 over channels);
-      ``attn``      per inner ILT layer, the (W, W) attention weights averaged over tokens and heads
-                    (row = query layer, column = key layer, oldest first);
-      ``attn_prev`` weight the newest layer puts on the one before it, averaged over the inner layers;
-      ``labels``    the names of the W layers (see ``window_labels``).
-    """
+    config's final value), as each kind reports them (``ILT.stats``: its ``ratio``, the modulation's size next to
+    the layer output, and what else the kind knows: the design's attention between the layers of its window, the
+    depth kind's attention over the sources, static weights). Returns lists indexed by ILT, one per entry, and
+    ``after_layer``: the main layer (0-based) each ILT follows."""
     if not model.ilts:
         raise UserError("this model has no ILTs (n_layers_ilt = 0): there is nothing to inspect")
-    if model.config.ilt_kind != "design":
-        return history_stats(model, idx)
-    if modulation_scale is None:
-        modulation_scale = model.config.modulation_scale_end
-    seen: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}  # ILT -> (its window, its modulation)
-    attn_inputs: dict[tuple[int, int], torch.Tensor] = {}  # (ILT, inner layer) -> attention input (N, W, E)
-    hooks = []
-    for i, ilt in enumerate(model.ilts):
-        hooks.append(ilt.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, (args[0], out))))
-        for j, layer in enumerate(ilt.layers):
-            hooks.append(
-                layer.attn.register_forward_pre_hook(
-                    lambda m, args, i=i, j=j: attn_inputs.__setitem__((i, j), args[0])
-                )
-            )
+    per_ilt: dict[int, dict] = {}
+    # each ILT reports on its own call, before the model appends its output to the history it was given
+    hooks = [
+        ilt.register_forward_hook(lambda m, args, out, i=i: per_ilt.__setitem__(i, m.stats(*args)))
+        for i, ilt in enumerate(model.ilts)
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -79,107 +56,20 @@ def ilt_stats(
         for h in hooks:
             h.remove()
         model.train(was_training)
-
-    out = {"scale": [], "ratio": [], "attn": [], "attn_prev": [], "labels": []}
-    for i, ilt in enumerate(model.ilts):
-        window, modulation = seen[i]
-        scale = float(modulation_scale if ilt.gate is None else ilt.gate)
-        current = window[-1].float()  # (B, T, C): the layer output the modulation is added to
-        ratio = (scale * modulation.float()).norm(dim=-1) / current.norm(dim=-1).clamp_min(1e-12)  # (B, T)
-        mats = [
-            attention_weights(layer.attn, attn_inputs[(i, j)].float()).mean(dim=(0, 1))  # (W, W)
-            for j, layer in enumerate(ilt.layers)
-        ]
-        out["scale"].append(scale)
-        out["ratio"].append(ratio.mean().item())
-        out["attn"].append([m.tolist() for m in mats])
-        out["attn_prev"].append(sum(m[-1, -2].item() for m in mats) / len(mats))
-        out["labels"].append(window_labels(model, i, len(window)))
-    return out
-
-
-STREAM_NAMES = ("residual", "next attention input")
-
-
-@torch.no_grad()
-def history_stats(model: HierarchicalTransformer, idx: torch.Tensor) -> dict:
-    """``ilt_stats`` for the kinds that read the whole layer history (depth, depth_multiway, dense, x0): one
-    module after every main layer, reading the embedding and each layer's contribution so far (its sources).
-
-    Returns lists indexed by module:
-      ``scale``     1.0: these kinds add their modulation as it is (no curriculum);
-      ``ratio``     mean over tokens of |residual modulation| / |layer output it is added to|;
-      ``attn``      per stream, the attention over the sources averaged over tokens (empty for dense and x0);
-      ``static``    per stream, the static weights' mean |w| over channels, per source;
-      ``attn_prev`` the attention on the newest source (the layer's own contribution), averaged over streams
-                    (NaN for dense and x0, which have no attention);
-      ``labels``    the sources' names: "emb", then "L<n>" for main layer n's contribution (1-based).
-    """
-    seen: dict[
-        int, tuple
-    ] = {}  # module -> (state, sources, output); the model appends to its sources list later
-    hooks = [
-        ilt.register_forward_hook(
-            lambda m, args, out, i=i: seen.__setitem__(i, (args[0], list(args[1]), out))
-        )
-        for i, ilt in enumerate(model.ilts)
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.compiler.set_stance("force_eager"):
-            model(idx)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    out = {"scale": [], "ratio": [], "attn": [], "static": [], "attn_prev": [], "labels": []}
-    for i, ilt in enumerate(model.ilts):
-        h, sources, (modulations, keys) = seen[i]
-        ratio = modulations[0].float().norm(dim=-1) / h.float().norm(dim=-1).clamp_min(1e-12)  # (B, T)
-        attn = ilt.weights(h, keys).float().mean(dim=(0, 1)).tolist() if hasattr(ilt, "weights") else []
-        out["scale"].append(1.0)
-        out["ratio"].append(ratio.mean().item())
-        out["attn"].append(attn)  # (streams, S)
-        out["static"].append(ilt.static.detach().float().abs().mean(dim=-1).tolist())  # (streams, S or 1)
-        out["attn_prev"].append(sum(a[-1] for a in attn) / len(attn) if attn else math.nan)
-        out["labels"].append(["emb"] + [f"L{n + 1}" for n in range(len(sources) - 1)])
-    return out
+    stats = {key: [per_ilt[i][key] for i in range(len(model.ilts))] for key in per_ilt[0]}
+    stats["after_layer"] = list(model.ilt_layers)
+    return stats
 
 
 # --- hilt inspect --------------------------------------------------------------------------------------------
 
 
-def format_stats(stats: dict) -> str:
-    if "static" in stats:
-        return format_history_stats(stats)
+def format_stats(stats: dict, kind: str) -> str:
+    """The report of ``ilt_stats`` for a model of ILT ``kind``, in the kind's own words."""
+    cls = ilt_class(kind)
     lines = []
-    for i, labels in enumerate(stats["labels"]):
-        lines.append(
-            f"ILT {i + 1} (after layer {labels[-1][1:]}, mixes {', '.join(labels)}): scale {stats['scale'][i]:.4f} | "
-            f"|scale*modulation| / |layer output| = {stats['ratio'][i]:.4f}"
-        )
-        for j, mat in enumerate(stats["attn"][i]):
-            newest = ", ".join(f"{name} {w:.3f}" for name, w in zip(labels, mat[-1], strict=True))
-            lines.append(f"  inner layer {j + 1}: {labels[-1]} attends to {newest}")
-    return "\n".join(lines)
-
-
-def format_history_stats(stats: dict) -> str:
-    lines = []
-    for i, labels in enumerate(stats["labels"]):
-        lines.append(
-            f"ILT {i + 1} (after layer {i + 1}, reads {', '.join(labels)}): "
-            f"|modulation| / |layer output| = {stats['ratio'][i]:.4f}"
-        )
-        for stream, weights in enumerate(stats["static"][i]):
-            attn = stats["attn"][i][stream] if stats["attn"][i] else None
-            parts = [
-                f"{name} {'' if attn is None else f'{attn[s]:.3f} '}|w| {weights[s]:.4f}"
-                for s, name in enumerate(labels[: len(weights)])
-            ]
-            what = "attention and static |w|" if attn is not None else "static |w|"
-            lines.append(f"  {STREAM_NAMES[stream]} ({what}): {', '.join(parts)}")
+    for i, layer in enumerate(stats["after_layer"]):
+        lines += cls.format_stats(i, layer, {key: values[i] for key, values in stats.items()})
     return "\n".join(lines)
 
 
@@ -196,7 +86,7 @@ def history_panels(stats: dict) -> list[tuple[str, np.ndarray]]:
                 row = stats[key][i][stream]
                 mat[i, : len(row)] = row
         what = "attention" if key == "attn" else "static |w|"
-        panels.append((f"{what}, {STREAM_NAMES[stream]}", mat))
+        panels.append((f"{what}, residual", mat))
     return panels
 
 
@@ -279,7 +169,7 @@ def run_inspect(
     print(
         f"{model_path}: {len(ids)} prompt tokens, averaged over tokens and heads (ilt_kind {model.config.ilt_kind})"
     )
-    print(format_stats(stats))
+    print(format_stats(stats, model.config.ilt_kind))
     save_heatmap(stats, out, title=f"{Path(model_path).name}: ILT attention on {len(ids)} tokens")
     print(f"Saved the heat map to {out}")
     return stats

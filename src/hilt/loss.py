@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hilt import kernels, memory
-from hilt.model import HierarchicalTransformer
+from hilt import memory
+from hilt.model import HierarchicalTransformer, kernels
 
 # Logits per chunk at most (128 MB in fp32; 512 tokens of GPT-2's vocabulary). Larger chunks run a little faster
 # (each chunk pays a (V x C) weight-gradient conversion and add), smaller ones use less memory: this size keeps

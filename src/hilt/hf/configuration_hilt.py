@@ -10,7 +10,7 @@ from dataclasses import fields
 
 from transformers import PretrainedConfig
 
-from ..config import ModelConfig
+from ..model.config import REMOVED, ModelConfig
 
 MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig))
 
@@ -20,6 +20,11 @@ class HiltConfig(PretrainedConfig):
 
     def __init__(self, vocab_size: int = 50260, **kwargs):
         given = {name: kwargs.pop(name) for name in MODEL_FIELDS if name in kwargs}
+        # an older export's config.json: its removed variants are dropped where off and refused where on
+        given = ModelConfig.from_dict(
+            {"vocab_size": vocab_size, **given, **{n: kwargs.pop(n) for n in REMOVED if n in kwargs}}
+        ).to_dict()
+        given.pop("vocab_size")
         # ModelConfig validates every field and fills the derived ones (d_ff), so a bad config.json fails here
         model_config = ModelConfig(vocab_size=vocab_size, **given)
         for name, value in model_config.to_dict().items():

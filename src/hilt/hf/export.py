@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from hilt.config import ModelConfig
 from hilt.errors import UserError
 from hilt.exported import META_FILE, load_exported  # noqa: F401 (load_exported: folder -> HILT, re-exported)
 from hilt.hf import TRANSFORMERS
+from hilt.model.config import ModelConfig
 
 PACKAGE = Path(__file__).resolve().parents[1]  # src/hilt
-# the model's own files, copied unchanged: they import only torch and each other
-MODEL_FILES = ("model.py", "config.py", "kernels.py", "kv_cache.py")
-# transformers' side, from hilt/hf/: their ``from ..model`` becomes ``from .model`` in the flat folder
+# the model's own files (hilt/model/), copied unchanged: they import only torch and each other
+MODEL_FILES = tuple(sorted(p.name for p in (PACKAGE / "model").glob("*.py") if p.name != "__init__.py"))
+# transformers' side, from hilt/hf/: their ``from ..model.x`` becomes ``from .x`` in the flat folder
 HF_FILES = ("configuration_hilt.py", "modeling_hilt.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_hilt.HiltConfig",
@@ -125,10 +125,10 @@ def write_folder(model, tokenizer, ckpt: dict, folder: Path) -> None:
             hf_logging.enable_progress_bar()
 
     for name in MODEL_FILES:
-        shutil.copyfile(PACKAGE / name, folder / name)
+        shutil.copyfile(PACKAGE / "model" / name, folder / name)
     for name in HF_FILES:
         source = (PACKAGE / "hf" / name).read_text(encoding="utf-8")
-        (folder / name).write_text(re.sub(r"^from \.\.", "from .", source, flags=re.M), encoding="utf-8")
+        (folder / name).write_text(re.sub(r"^from \.\.(model\.)?", "from .", source, flags=re.M), encoding="utf-8")
 
     write_tokenizer(tokenizer, config.max_seq_len, folder)
     meta = {key: ckpt[key] for key in META_KEYS if ckpt.get(key) is not None}
@@ -160,16 +160,16 @@ def ilt_kind(config: ModelConfig) -> str:
     """The ILT in words, for the model card."""
     if config.n_layers_ilt == 0:
         return "none (plain transformer baseline)"
-    variants = [name for name in ("ilt_zero_init", "ilt_gate", "ilt_embed") if getattr(config, name)]
-    kind = getattr(config, "ilt_kind", "design")
-    return kind + (f" with {', '.join(variants)}" if variants else "")
+    from hilt.model.ilts import ilt_class
+
+    return f"{config.ilt_kind} ({ilt_class(config.ilt_kind).help})"
 
 
 def ilt_rows(c: ModelConfig) -> list[str]:
     """The model card's table rows about the ILTs: the fields the model's kind uses."""
     if c.n_layers_ilt == 0:
         return []
-    if getattr(c, "ilt_kind", "design") != "design":
+    if c.ilt_kind != "design":
         return [f"| ILT rank | {c.ilt_rank} |"]
     return [
         f"| ILTs | {c.n_layers_ilt} layers of width {c.ilt_dim} ({c.nhead_ilt} heads), window {c.ilt_window} |",

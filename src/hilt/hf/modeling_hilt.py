@@ -18,13 +18,20 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-# Every file model.py needs is imported here by name, because transformers copies a folder's remote code by
-# reading its relative imports: 4.x follows only this file's own (not model.py's), and neither version
-# recognises model.py's `from . import kernels`.
-from ..config import ModelConfig  # noqa: F401
-from ..kernels import use_cpu_kernels  # noqa: F401
-from ..kv_cache import KVCache  # noqa: F401
-from ..model import HierarchicalTransformer, PositionalEncoding
+# Every file the model needs is imported here by name, because transformers copies a folder's remote code by
+# reading its relative imports: 4.x follows only this file's own (not the model's), and neither version
+# recognises `from . import kernels`. In the flat exported folder these import the model files beside it.
+from ..model.config import ModelConfig  # noqa: F401
+from ..model.ilt import ILT  # noqa: F401
+from ..model.ilt_dense import DenseILT  # noqa: F401
+from ..model.ilt_depth import DepthILT  # noqa: F401
+from ..model.ilt_design import DesignILT  # noqa: F401
+from ..model.ilt_x0 import X0ILT  # noqa: F401
+from ..model.ilts import KINDS  # noqa: F401
+from ..model.kernels import Paths  # noqa: F401
+from ..model.kv_cache import KVCache  # noqa: F401
+from ..model.layers import PositionalEncoding
+from ..model.transformer import HierarchicalTransformer
 from .configuration_hilt import HiltConfig
 
 # transformers 5 renamed the outputs' and forward's past_key_values to cache (the old name still works there,

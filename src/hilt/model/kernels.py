@@ -1,8 +1,8 @@
 """CPU speed paths for the reference model in ``model.py``: the same maths, measured faster on CPU.
 
-``model.py`` is the reference and reads without this file. The model picks these through one switch,
-``HierarchicalTransformer(config, cpu_kernels=True)`` (the default; ``model.use_cpu_kernels(False)`` turns them off),
-and ``tests/test_kernels.py`` checks every path against the reference, forward and backward. The numbers quoted
+``transformer.py`` is the reference and reads without this file. The model picks these when it is built,
+``HierarchicalTransformer(config, cpu_kernels=True)`` (the default; ``cpu_kernels=False`` builds the reference; see
+``Paths``), and ``tests/test_kernels.py`` checks every path against the reference, forward and backward. The numbers quoted
 at each choice are medians from the benchmarks named there; the full tables are in docs/performance.md.
 
     CheapDropout            dropout with a 16-bit keep-mask              training, CPU
@@ -21,7 +21,8 @@ This module imports only torch, so an exported model folder can carry it beside 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -408,16 +409,32 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return index.gather(1, logits.gather(1, index).argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
-# --- the switch ----------------------------------------------------------------------------------------------
+# --- what the model builds ---------------------------------------------------------------------------------
 
 
-def use_cpu_kernels(model: nn.Module, enabled: bool = True) -> None:
-    """Turns the speed paths of every layer of ``model`` on or off: dropout and linear modules change class (the
-    state they hold stays), attention modules read their ``cpu_kernels`` flag at every call."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.__class__ = CheapDropout if enabled else nn.Dropout
-        if type(module) in (nn.Linear, OneDNNLinear):  # not the decoding copy's MixedDtypeLinear
-            module.__class__ = OneDNNLinear if enabled else nn.Linear
-        if hasattr(module, "cpu_kernels"):
-            module.cpu_kernels = enabled
+@dataclass(frozen=True)
+class Paths:
+    """Which modules a model builds, chosen once when it is built: nothing changes a module's class afterwards.
+
+    ``kernels`` turns on the attention kernels above and the depth kind's fused mixing; ``linear`` and ``dropout``
+    are the classes of every Linear and Dropout in the model; ``layer``, ``attention`` and ``ilts`` (kind ->
+    class) replace the reference's classes where set (a decoding copy's, ``hilt.generation.decoding``)."""
+
+    kernels: bool
+    linear: type[nn.Linear] = nn.Linear
+    dropout: type[nn.Dropout] = nn.Dropout
+    layer: type[nn.Module] | None = None
+    attention: type[nn.Module] | None = None
+    ilts: Mapping[str, type[nn.Module]] = field(default_factory=dict)
+
+
+REFERENCE = Paths(kernels=False)
+CPU_KERNELS = Paths(kernels=True, linear=OneDNNLinear, dropout=CheapDropout)
+
+
+def paths_for(cpu_kernels: bool | Paths) -> Paths:
+    """``HierarchicalTransformer``'s ``cpu_kernels`` argument as ``Paths``: True (the default) the speed paths,
+    False the reference, or ``Paths`` as they are."""
+    if isinstance(cpu_kernels, Paths):
+        return cpu_kernels
+    return CPU_KERNELS if cpu_kernels else REFERENCE

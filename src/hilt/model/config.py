@@ -12,14 +12,20 @@ NHEAD_ILT = 2
 N_LAYERS_ILT = 2
 ILT_DROPOUT = 0.1
 
-# which inter-layer module sits between the main layers (hilt.model builds one class per kind)
-ILT_KINDS = ("design", "depth", "depth_multiway", "dense", "x0")
+# variants the ablation rejected (docs/evaluation.md), and their "off" values in the configs that saved them
+REMOVED = {"ilt_zero_init": False, "ilt_gate": False, "ilt_embed": False}
+REMOVED_AT = "ab15cea"  # the last commit that builds them and ilt_kind "depth_multiway"
+
 ILT_RANK = 32  # query/key width of the depth kinds' attention over the layer history
 ILT_WINDOW = 2
 MODULATION_SCALE_START = 0.01
 MODULATION_SCALE_END = 0.1
 
 DROPOUT = 0.1
+
+# variants the ablation rejected (docs/evaluation.md), and their "off" values in the configs that saved them
+REMOVED = {"ilt_zero_init": False, "ilt_gate": False, "ilt_embed": False}
+REMOVED_AT = "ab15cea"  # the last commit that builds them and ilt_kind "depth_multiway"
 
 
 def modulation_scale(progress: float, start: float, end: float) -> float:
@@ -48,17 +54,9 @@ class ModelConfig:
     # the curriculum: training ramps modulation_scale from start to end; evaluation and generation use end
     modulation_scale_start: float = MODULATION_SCALE_START
     modulation_scale_end: float = MODULATION_SCALE_END
-    # ILT variants compared in benchmarks/ablation.py; all off = the design's ILT
-    ilt_zero_init: bool = (
-        False  # zero the ILTs' output projection: training starts from an exact plain transformer
-    )
-    ilt_gate: bool = False  # a learned scale per ILT (from modulation_scale_start) replaces the curriculum
-    ilt_embed: bool = False  # each ILT also sees the token embedding, first in its layer window
-    # "design": the seed's ILT above. The others read the whole layer history at each token, start as an exact
-    # plain transformer and ignore the design-only fields (ilt_dim, nhead_ilt, ilt_window, the curriculum, ...):
-    # "depth" and "depth_multiway" attend over the embedding and every earlier layer's contribution (rank
-    # ilt_rank), "dense" adds a learned per-channel multiple of each of them (no attention), "x0" of the embedding
-    # alone (the baselines the depth kinds must beat)
+    # which ILT follows the main layers: a name in hilt.model.ilts.KINDS ("design": the seed's ILT above; the
+    # others read the layer history at each token, start as an exact plain transformer and ignore the design's
+    # fields: ilt_dim, nhead_ilt, ilt_window, the curriculum)
     ilt_kind: str = "design"
     ilt_rank: int = ILT_RANK
 
@@ -93,21 +91,11 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.ilt_dim ({self.ilt_dim}) must be divisible by nhead_ilt ({self.nhead_ilt})"
             )
-        if self.ilt_kind not in ILT_KINDS:
-            raise ValueError(
-                f"ModelConfig.ilt_kind must be one of {', '.join(ILT_KINDS)}; got {self.ilt_kind!r}"
-            )
         if not isinstance(self.ilt_rank, int) or isinstance(self.ilt_rank, bool) or self.ilt_rank < 1:
             raise ValueError(f"ModelConfig.ilt_rank must be a positive integer, got {self.ilt_rank!r}")
-        if self.ilt_kind.startswith("depth") and self.ilt_rank > self.d_model:  # the other kinds have no rank
-            raise ValueError(
-                f"ModelConfig.ilt_rank ({self.ilt_rank}) must be at most d_model ({self.d_model})"
-            )
-        design_only = [n for n in ("ilt_zero_init", "ilt_gate", "ilt_embed") if getattr(self, n)]
-        if self.ilt_kind != "design" and design_only:
-            raise ValueError(
-                f"ModelConfig.{design_only[0]} is a variant of ilt_kind 'design', not of {self.ilt_kind!r}"
-            )
+        from .ilts import ilt_class  # torch: a config is validated where a model is about to be built
+
+        ilt_class(self.ilt_kind).validate(self)
         for name in ("dropout", "ilt_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -117,6 +105,21 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
+        """A saved config; one of an older HILT too, whose removed variants are dropped where they were off and
+        refused, in one line, where they were on."""
+        values = dict(values)
+        for name, off in REMOVED.items():
+            value = values.pop(name, off)
+            if value != off:
+                raise ValueError(
+                    f"this model uses {name}={value!r}, an ILT variant HILT no longer builds; "
+                    f"HILT at commit {REMOVED_AT} still trains and loads it"
+                )
+        if values.get("ilt_kind") == "depth_multiway":
+            raise ValueError(
+                "this model uses ilt_kind 'depth_multiway', an ILT kind HILT no longer builds; "
+                f"HILT at commit {REMOVED_AT} still trains and loads it"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
