@@ -55,6 +55,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -65,6 +66,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import Contestant, cpu_kind, take_turns
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -449,24 +451,13 @@ def plot(results: list[dict], arms: list[Arm], path: Path) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{cpu_kind()}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def step_times(base: dict, arms: list[Arm], args) -> list[dict]:
     """Training step time of every arm with bench.py's method: forward + backward + clip + AdamW on one fixed
     batch, the arms taking turns in a new random order every round, freed memory kept as train.py keeps it,
     median over ``args.step_times`` timed rounds after 3 untimed ones."""
-    import random
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench import Contestant, take_turns
-
     from hilt.loss import LanguageModelLoss
     from hilt.memory import freed_memory_kept
 

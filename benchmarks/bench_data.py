@@ -30,14 +30,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from common import cpu_kind
+
+from hilt.corpus import GPT2_LINE_CUT
+from hilt.encode import piece_encoder
+from hilt.token_cache import open_cache
+from hilt.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from hilt.corpus import GPT2_LINE_CUT  # noqa: E402
-from hilt.encode import piece_encoder  # noqa: E402
-from hilt.token_cache import open_cache  # noqa: E402
-from hilt.tokenizer import Tokenizer  # noqa: E402
 
 
 def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
@@ -202,9 +202,6 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
     # only now: torch in this process would raise the children's peak RSS (Linux carries it over exec)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench import cpu_kind
-
     print(cpu_kind())
 
     figures = {
