@@ -247,7 +247,7 @@ def _usage(prompt_tokens: int, outputs: dict[int, list[Output]]) -> Usage:
 
 def _completion_logprobs(entries: list[tuple[Output, str, int]], base: int, lp=None) -> CompletionLogprobs:
     """``entries`` from ``TokenTexts``; ``base``: where the generated text begins in the choice's text."""
-    lp = lp or CompletionLogprobs()
+    lp = lp if lp is not None else CompletionLogprobs()
     for o, text, offset in entries:
         lp.tokens.append(text)
         lp.token_logprobs.append(o.logprob)
