@@ -240,6 +240,32 @@ def test_jsonl_errors_name_the_line(tmp_path, tok):
         tokenize_corpus(Corpus(missing), tok)
 
 
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            '{"text": 5}',
+            "line 2: field 'text' holds a number, not a string; choose the text field with --text_field",
+        ),
+        ('{"text": null}', "line 2: field 'text' holds null, not a string"),
+        ('["a", "b"]', "line 2 is a list, not a JSON object with a 'text' field"),
+        (
+            '{"text": "tab\there"}',
+            "line 2 is not valid JSON: Invalid control character at column 14 ('\\t': inside a string it must be "
+            "escaped)",
+        ),
+        ('{"text": "no end', "line 2 is not valid JSON: Unterminated string starting at column 10"),
+        ('{"text": "x"} more', "line 2 is not valid JSON: Extra data at column 15"),
+    ],
+    ids=["number", "null", "list", "control-character", "unterminated", "extra-data"],
+)
+def test_jsonl_errors_say_what_is_wrong_in_one_line(tmp_path, capsys, line, message):
+    src = write(tmp_path / "bad.jsonl", '{"text": "fine"}\n' + line + "\n")
+    assert main(["prepare", "--text_file", str(src), "--cache_dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {src.resolve()} {message}") and err.count("\n") == 1
+
+
 # --- unreadable input -------------------------------------------------------------------------------------------
 
 

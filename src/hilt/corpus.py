@@ -185,6 +185,29 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def json_error(e: json.JSONDecodeError) -> str:
+    """What is wrong with a JSON line, and where. ``e.msg`` alone can end mid-sentence ("Invalid control
+    character at"): the position is kept in separate fields."""
+    what = f"{e.msg.removesuffix(' at')} at column {e.colno}"
+    if e.msg.startswith("Invalid control character"):
+        what += f" ({e.doc[e.pos]!r}: inside a string it must be escaped)"
+    return what
+
+
+_JSON_KINDS = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+
+
+def _json_kind(value: object) -> str:
+    return "null" if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
+
+
 # --- UTF-8 decoding that counts what it replaces --------------------------------------------------------------
 
 _bad_bytes = threading.local()
@@ -424,15 +447,24 @@ class Corpus:
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.rstrip("\r\n"))  # else an unclosed string ends in a "bad" \n
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg})") from None
-                text = record.get(self.text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    found = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+                    raise UserError(f"{path} line {lineno} is not valid JSON: {json_error(e)}") from None
+                if not isinstance(record, dict):
                     raise UserError(
-                        f"{path} line {lineno} has no text field {self.text_field!r} (found: {found}); "
-                        f"choose one with --text_field"
+                        f"{path} line {lineno} is {_json_kind(record)}, not a JSON object with a "
+                        f"{self.text_field!r} field"
+                    )
+                if self.text_field not in record:
+                    raise UserError(
+                        f"{path} line {lineno} has no text field {self.text_field!r} "
+                        f"(found: {', '.join(sorted(record)) or 'no fields'}); choose one with --text_field"
+                    )
+                text = record[self.text_field]
+                if not isinstance(text, str):
+                    raise UserError(
+                        f"{path} line {lineno}: field {self.text_field!r} holds {_json_kind(text)}, not a "
+                        f"string; choose the text field with --text_field"
                     )
                 yield from self._splitter(None, strip=True).feed(text, final=True)
         self.digests[path] = digest.hexdigest()
