@@ -541,6 +541,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:
+        # a full disk is never a bug: one line, even for a write that does not name its file (a log line)
+        from hilt.files import DISK_FULL, os_error_behind
+
+        cause = os_error_behind(e)
+        if cause is None or cause.errno not in DISK_FULL:
+            raise
+        where = f" writing {cause.filename}" if cause.filename else ""
+        print(f"error: {cause.strerror}{where}; free some space or write elsewhere", file=sys.stderr)
+        return UserError.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
