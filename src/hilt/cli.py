@@ -468,8 +468,12 @@ def add_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import math
+
     from hilt.ilt_stats import run_inspect
 
+    if args.modulation_scale is not None and not math.isfinite(args.modulation_scale):
+        raise UserError(f"--modulation_scale must be a finite number, got {args.modulation_scale}")
     run_inspect(args.model_path, args.prompt, args.out, args.device, args.modulation_scale)
     return 0
 
