@@ -1,6 +1,7 @@
 """benchmarks/ablation.py, run as a user runs it (a subprocess, a tiny model on a slice of data.txt): every arm trains
 for the steps its FLOP budget buys, counted by hilt.flops; deltas are paired by seed; the table reads equal time by
-the measured step cost; a budget the validations cannot hold is refused before any training."""
+the measured step cost; a budget the validations cannot hold is refused before any training; --resume finds the
+finished runs of the same text wherever it lies; the medium scale reads the corpus shipped in the repository."""
 
 import json
 import os
@@ -107,3 +108,40 @@ def test_a_budget_longer_than_the_validations_allow_is_refused_before_training(t
     assert proc.returncode == 2
     assert "more than one pass over the data" in proc.stderr and "use --evals" in proc.stderr
     assert not (tmp_path / "out" / "ablation_runs.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_resume_reuses_finished_runs_of_the_same_text_at_another_path(finished, tmp_path):
+    """The committed runs files must serve any clone: a run is matched by its text's content, not its path."""
+    tmp, results, _ = finished
+    moved = tmp_path / "elsewhere" / "slice.txt"
+    moved.parent.mkdir()
+    moved.write_bytes(Path(results["meta"]["settings"]["text_file"]).read_bytes())
+    again = ablation(tmp, moved, "--arms", "hilt,plain,plain+,ilt_off", "--seeds", "2", "--evals", "2",
+                     "--budget", str(BUDGET), "--resume")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "--resume: 8 runs already done" in again.stdout
+    assert " val loss " not in again.stdout.split("--resume:")[1].split("\n| arm |")[0]  # nothing trained
+    rows = json.loads((tmp / "out" / "ablation.json").read_text())["rows"]
+    assert [r["val_loss"] for r in rows] == [r["val_loss"] for r in results["rows"]]
+
+
+@pytest.mark.slow
+def test_the_medium_scale_trains_on_the_shipped_corpus(tmp_path):
+    """A clone has benchmarks/data/kjv.txt.xz and nothing outside the repository: the medium scale unpacks it (the
+    corpus reader takes plain text only) and records the text's SHA-256, which its README states."""
+    readme = (REPO / "benchmarks" / "data" / "README.md").read_text(encoding="utf-8")
+    stated = next(line.split()[0] for line in readme.splitlines() if line.strip().endswith("  kjv.txt"))
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/ablation.py", "--scale", "medium", "--smoke", "--arms", "plain", "--workers",
+         "1", "--work_dir", str(tmp_path)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    runs = [json.loads(line) for line in (tmp_path / "smoke" / "ablation_medium_runs.jsonl").open()]
+    assert sorted(r["seed"] for r in runs) == [0, 1]
+    assert {r["settings"]["text_sha256"] for r in runs} == {stated}
+    assert (tmp_path / "kjv.txt").stat().st_size == 4_304_196
+    # the committed medium runs were trained on the same text
+    committed = REPO / "benchmarks" / "results" / "ablation_medium_runs.jsonl"
+    assert {json.loads(line)["settings"]["text_sha256"] for line in committed.open()} == {stated}
