@@ -4,7 +4,8 @@ the tokenizing rate, the peak memory of that process and the start-up time once 
     .venv/bin/python benchmarks/bench_data.py                    # 200 MB corpus in a temporary folder
     .venv/bin/python benchmarks/bench_data.py --mb 1000          # peak memory must not grow with the size
     .venv/bin/python benchmarks/bench_data.py --threads 1        # the pipeline on one core
-    .venv/bin/python benchmarks/bench_data.py --mb 55 --from_text /work/shared/data/kjv.txt   # real text, one doc
+    xz -dc benchmarks/data/kjv.txt.xz > /tmp/kjv.txt                  # the King James Bible, shipped compressed
+    .venv/bin/python benchmarks/bench_data.py --mb 55 --from_text /tmp/kjv.txt   # real text, one document
 
 The corpus: stories of 3-8 lines of 10-60 words drawn with data.txt's word frequencies, a blank line between
 stories (prepared with --doc_separator blank, so an <EOS> ends each story). With --from_text, copies of that file
