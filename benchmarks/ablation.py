@@ -9,11 +9,12 @@ its validation loss. The README's "Do ILTs help? (ablation)" table comes from th
 Scales (each flag below still overrides its preset):
   reduced  d_model 128 / 4 layers on data.txt, 2e12 FLOPs per run (~330 plain steps, mid-descent), 3 seeds;
   small    the same model at 2e13 FLOPs (~3,300 plain steps, 8 passes over the data), 5 seeds, 16 validations;
-  medium   d_model 256 / 6 layers / 8 heads on ../shared/data/kjv.txt, 1.5e14 FLOPs (~4,700 plain steps), 5
-           seeds, 20 validations.
+  medium   d_model 256 / 6 layers / 8 heads on the King James Bible (benchmarks/data/kjv.txt.xz, shipped with the
+           repository and unpacked into WORK_DIR), 1.5e14 FLOPs (~4,700 plain steps), 5 seeds, 20 validations.
 Every finished run is appended at once to OUT_DIR/ablation[_SCALE]_runs.jsonl (committed with the results), so
-``--resume`` continues an interrupted ablation, in this session or a later one, and adding arms or seeds to a
-finished one runs only what is missing.
+``--resume`` continues an interrupted ablation, on this machine or in another clone (a run is matched by the
+SHA-256 of its text, not by the text's path), and adding arms or seeds to a finished one runs only what is
+missing.
 
 Arms (the ILT flags not named stay at their defaults: n_layers_ilt 2, nhead_ilt 2, window 2, dropout 0.1,
 curriculum 0.01 -> 0.1):
@@ -50,11 +51,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import hashlib
 import json
+import lzma
 import math
 import multiprocessing as mp
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -65,6 +69,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import Contestant, cpu_kind, take_turns
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -114,7 +119,7 @@ SCALES = {
         budget=1.5e14,
         seeds=5,
         evals=20,
-        text_file=str(REPO.parent / "shared" / "data" / "kjv.txt"),
+        text_file=str(REPO / "benchmarks" / "data" / "kjv.txt.xz"),
         d_model=256,
         n_layers=6,
         n_heads=8,
@@ -128,9 +133,10 @@ DEFAULTS = dict(
     n_heads=4,
     ilt_dim=64,
 )
-# flags that do not change what a run computes: a finished run is reused whatever they were
+# flags that do not change what a run computes: a finished run is reused whatever they were. The text is
+# matched by its SHA-256 (text_sha256), so another clone, at another path, reuses the committed runs.
 NOT_RUN_SETTINGS = (
-    *("workers", "out_dir", "work_dir", "resume", "fresh", "arms", "seeds"),
+    *("workers", "out_dir", "work_dir", "resume", "fresh", "arms", "seeds", "text_file"),
     *("step_times", "amp", "threads", "vocab_size"),
 )
 REFERENCES = ("plain", "x0")  # arms every other arm's loss is compared with, paired by seed
@@ -185,6 +191,24 @@ def counted_forward_flops(config, seq_len: int) -> int:
 
 
 # --- data ----------------------------------------------------------------------------------------------------
+
+
+def unpacked_text(text_file: Path, work: Path) -> Path:
+    """``text_file`` itself, or for an .xz file (the shipped corpus) its text unpacked into ``work``: the corpus
+    reader takes plain text only. Unpacked once; a later call finds the same bytes and leaves them."""
+    if text_file.suffix != ".xz":
+        return text_file
+    data = lzma.decompress(text_file.read_bytes())
+    target = work / text_file.stem
+    if not (target.exists() and target.read_bytes() == data):
+        work.mkdir(parents=True, exist_ok=True)
+        target.with_suffix(".tmp").write_bytes(data)
+        os.replace(target.with_suffix(".tmp"), target)  # another invocation may be reading the current file
+    return target
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def train_bpe(text_file: Path, out_dir: Path, vocab_size: int, val_fraction: float) -> Path:
@@ -449,24 +473,13 @@ def plot(results: list[dict], arms: list[Arm], path: Path) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{cpu_kind()}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def step_times(base: dict, arms: list[Arm], args) -> list[dict]:
     """Training step time of every arm with bench.py's method: forward + backward + clip + AdamW on one fixed
     batch, the arms taking turns in a new random order every round, freed memory kept as train.py keeps it,
     median over ``args.step_times`` timed rounds after 3 untimed ones."""
-    import random
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench import Contestant, take_turns
-
     from hilt.loss import LanguageModelLoss
     from hilt.memory import freed_memory_kept
 
@@ -647,16 +660,20 @@ def main(argv: list[str] | None = None) -> int:
     started, load_start = time.time(), os.getloadavg()
 
     # data: one tokenisation, shared by every run through .npy files
+    if not Path(args.text_file).is_file():
+        p.error(f"--text_file {args.text_file} is not a file")
+    text = unpacked_text(Path(args.text_file), work)
+    args.text_sha256 = sha256_of(text)  # what --resume matches, wherever the text lies
     val_fraction = 0.1
     if args.tokenizer == "gpt2":
         tok_dir = None
     elif args.tokenizer.startswith("bpe") and args.tokenizer[3:].isdigit():
-        tok_dir = train_bpe(Path(args.text_file), work, int(args.tokenizer[3:]), val_fraction)
+        tok_dir = train_bpe(text, work, int(args.tokenizer[3:]), val_fraction)
     else:
         p.error(f"--tokenizer must be gpt2 or bpeN, got {args.tokenizer!r}")
     tokenizer = Tokenizer.load(tok_dir)
     train_tokens, val_tokens = train_val_tokens(
-        args.text_file,
+        text,
         tokenizer,
         seq_len=args.seq_len,
         val_fraction=val_fraction,
@@ -725,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
             "cost": costs[arm.name],
             "base": base,
             "work": str(work),
-            "text_file": args.text_file,
+            "text_file": str(text),
             "tokenizer": str(tok_dir) if tok_dir else None,
             "batch_size": args.batch_size,
             "seq_len": args.seq_len,

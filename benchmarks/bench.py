@@ -5,9 +5,9 @@
     .venv/bin/python benchmarks/bench.py --assume_no_native_bf16   # the path of a CPU without native bf16
     .venv/bin/python benchmarks/bench.py --avx2_kernels        # ... with torch/oneDNN/MKL limited to AVX2 kernels
 
-The first line names the CPU and whether its bf16 is native (CUDA, AVX-512 BF16 or AMX: /proc/cpuinfo's flags).
-Where it is, HILT trains in bf16 (as train.py does there) and fp32, against HF in fp32 and bf16 autocast. Where it
-is not, bf16 is emulated, several times slower than fp32: every contestant then runs in fp32, fp32 HILT is compared
+Everything runs on the CPU. The first line names it and whether its bf16 is native (AVX-512 BF16 or AMX). Where it
+is (and torch may use it: hilt.device.cpu_has_native_bf16, what train.py asks), HILT trains in bf16 (as train.py
+does there) and fp32, against HF in fp32 and bf16 autocast. Where it is not, bf16 is emulated, several times slower than fp32: every contestant then runs in fp32, fp32 HILT is compared
 with fp32 HF, and the bf16 rows are left out (so the run stays within ~10 minutes on such CPUs).
 
 Training contestants take turns step by step (so drifts in machine speed hit all of them alike); each figure is the
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import VOCAB, Contestant, cpu_kind, take_turns
 
 from hilt.decoding import onednn_disabled
 from hilt.device import cpu_has_native_bf16
@@ -42,58 +42,8 @@ from hilt.kernels import onednn_linear
 from hilt.loss import LanguageModelLoss
 from hilt.memory import freed_memory_kept
 from hilt.model import HierarchicalTransformer, ModelConfig
-from hilt.train import TrainConfig, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB = 50260
-
-
-# --- what kind of CPU this is ----------------------------------------------------------------------------------
-
-
-def read_cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        return ""
-
-
-def cpu_flags(cpuinfo: str) -> set[str]:
-    """The CPU's feature flags in /proc/cpuinfo's text (empty where there is none)."""
-    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
-def native_bf16(flags: set[str] | None = None, assume_no: bool = False) -> bool:
-    """True where bf16 matmuls run in hardware: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 or AMX. Elsewhere
-    (AVX2 CPUs: most laptops, many cloud VMs) torch emulates them, several times slower than fp32. Without
-    /proc/cpuinfo, torch's own check decides."""
-    if assume_no:
-        return False
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    flags = cpu_flags(read_cpuinfo()) if flags is None else flags
-    return bool({"avx512_bf16", "amx_bf16"} & flags) if flags else cpu_has_native_bf16()
-
-
-def cpu_kind(cpuinfo: str | None = None, assume_no_native_bf16: bool = False) -> str:
-    """One line naming the CPU, its widest vector unit and whether its bf16 is native, for the head of a table."""
-    cpuinfo = read_cpuinfo() if cpuinfo is None else cpuinfo
-    flags = cpu_flags(cpuinfo)
-    name = next(
-        (ln.partition(":")[2].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), ""
-    )
-    widest = next(
-        (label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
-                                   ("avx2", "AVX2")) if flag in flags),
-        "no AVX2",
-    )  # fmt: skip
-    bf16 = "native bf16" if native_bf16(flags) else "bf16 emulated"
-    forced = ", run as without it (--assume_no_native_bf16)" if assume_no_native_bf16 else ""
-    return (
-        f"{name or 'unknown CPU'} ({widest}, {bf16}{forced}), {os.cpu_count()} cores, torch CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}"
-    )
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -114,41 +64,6 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
             times.append(time.perf_counter() - t0)
         best = max(best, 2 * n**3 / statistics.median(times))
     return best
-
-
-class Contestant:
-    """One model + optimizer + precision; ``step()`` is one forward + backward + optimizer step."""
-
-    def __init__(self, name, model, amp_dtype, flops_per_token, loss_fn):
-        self.name, self.model, self.amp_dtype = name, model, amp_dtype
-        self.flops_per_token = flops_per_token
-        self.loss_fn = loss_fn
-        self.optimizer = build_optimizer(model, TrainConfig(text_file="-"))
-        self.times: list[float] = []
-
-    def step(self, x, y) -> None:
-        t0 = time.perf_counter()
-        ctx = torch.autocast("cpu", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-        with ctx:
-            loss = self.loss_fn(self.model, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.times.append(time.perf_counter() - t0)
-
-
-def take_turns(
-    contestants: list[Contestant], x, y, warmup: int, steps: int, shuffle: random.Random | None = None
-) -> None:
-    """warmup + steps rounds of one step per contestant, in turn (in a new order every round when ``shuffle`` is
-    given); only the last ``steps`` are timed."""
-    for i in range(warmup + steps):
-        for c in shuffle.sample(contestants, len(contestants)) if shuffle else contestants:
-            c.step(x, y)
-            if i < warmup:
-                c.times.clear()
-        print(f"  training round {i + 1}/{warmup + steps}", file=sys.stderr, end="\r")
 
 
 def hf_gpt2(d_model=256, n_layers=6, n_heads=8):
@@ -406,7 +321,8 @@ def main() -> None:
     args = p.parse_args()
     if args.avx2_kernels and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
-    native = native_bf16(assume_no=args.assume_no_native_bf16 or args.avx2_kernels)
+    # what train.py asks (hilt.device): bf16 autocast only where bf16 is native and torch may use it
+    native = not (args.assume_no_native_bf16 or args.avx2_kernels) and cpu_has_native_bf16()
 
     print(cpu_kind(assume_no_native_bf16=args.assume_no_native_bf16 or args.avx2_kernels))
     print(

@@ -4,7 +4,8 @@ the tokenizing rate, the peak memory of that process and the start-up time once 
     .venv/bin/python benchmarks/bench_data.py                    # 200 MB corpus in a temporary folder
     .venv/bin/python benchmarks/bench_data.py --mb 1000          # peak memory must not grow with the size
     .venv/bin/python benchmarks/bench_data.py --threads 1        # the pipeline on one core
-    .venv/bin/python benchmarks/bench_data.py --mb 55 --from_text /work/shared/data/kjv.txt   # real text, one doc
+    xz -dc benchmarks/data/kjv.txt.xz > /tmp/kjv.txt                  # the King James Bible, shipped compressed
+    .venv/bin/python benchmarks/bench_data.py --mb 55 --from_text /tmp/kjv.txt   # real text, one document
 
 The corpus: stories of 3-8 lines of 10-60 words drawn with data.txt's word frequencies, a blank line between
 stories (prepared with --doc_separator blank, so an <EOS> ends each story). With --from_text, copies of that file
@@ -30,14 +31,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from common import cpu_kind
+
+from hilt.corpus import GPT2_LINE_CUT
+from hilt.encode import piece_encoder
+from hilt.token_cache import open_cache
+from hilt.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from hilt.corpus import GPT2_LINE_CUT  # noqa: E402
-from hilt.encode import piece_encoder  # noqa: E402
-from hilt.token_cache import open_cache  # noqa: E402
-from hilt.tokenizer import Tokenizer  # noqa: E402
 
 
 def write_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
@@ -202,9 +203,6 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
     # only now: torch in this process would raise the children's peak RSS (Linux carries it over exec)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench import cpu_kind
-
     print(cpu_kind())
 
     figures = {

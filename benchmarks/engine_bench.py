@@ -36,20 +36,15 @@ import os
 import random
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import VOCAB, cpu_name
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from hilt.device import autocast_dtype  # noqa: E402
-from hilt.engine import Engine, SamplingParams  # noqa: E402
-from hilt.generate import generate  # noqa: E402
-from hilt.model import HierarchicalTransformer, ModelConfig  # noqa: E402
-
-VOCAB = 50260
+from hilt.device import autocast_dtype
+from hilt.engine import Engine, SamplingParams
+from hilt.generate import generate
+from hilt.model import HierarchicalTransformer, ModelConfig
 
 
 def workload(n: int, seed: int) -> list[tuple[list[int], int]]:
@@ -260,13 +255,9 @@ def main() -> None:
     bf16 = autocast_dtype(torch.device("cpu"), use_amp=True)
     label = "bf16" if bf16 is not None else "fp32"
     c = model.config
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        "?",
-    )
     print(
         f"model: d_model {c.d_model}, {c.n_layers} layers, n_layers_ilt {c.n_layers_ilt}, "
-        f"{model.num_parameters() / 1e6:.1f}M parameters, {label} matmuls | CPU: {cpu}, "
+        f"{model.num_parameters() / 1e6:.1f}M parameters, {label} matmuls | CPU: {cpu_name()}, "
         f"native bf16: {bf16 is not None}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
         + "".join(
             f", {k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ

@@ -20,24 +20,20 @@ import argparse
 import contextlib
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import VOCAB, cpu_kind
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import VOCAB, cpu_kind  # noqa: E402
-
-from hilt import memory  # noqa: E402
-from hilt.data import TokenBatches  # noqa: E402
-from hilt.device import autocast_dtype  # noqa: E402
-from hilt.evaluate import evaluate_tokens  # noqa: E402
-from hilt.loss import CHUNK_ELEMENTS  # noqa: E402
-from hilt.model import HierarchicalTransformer, ModelConfig  # noqa: E402
-from hilt.train import TrainConfig, Trainer  # noqa: E402
+from hilt import memory
+from hilt.data import TokenBatches
+from hilt.device import autocast_dtype
+from hilt.evaluate import evaluate_tokens
+from hilt.loss import CHUNK_ELEMENTS
+from hilt.model import HierarchicalTransformer, ModelConfig
+from hilt.train import TrainConfig, Trainer
 
 
 class Meter:

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import re
 import statistics
@@ -37,6 +36,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from common import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -115,7 +116,6 @@ def demo_shaped_checkpoint(folder: Path) -> str:
     """`make demo`'s architecture with random weights, saved as the trainer saves."""
     import torch
 
-    sys.path.insert(0, str(REPO / "src"))
     from hilt.checkpoint import FORMAT_VERSION, atomic_save
     from hilt.model import HierarchicalTransformer, ModelConfig
     from hilt.tokenizer import Tokenizer
@@ -298,13 +298,6 @@ async def overload(server: Server, requests: list[dict], burst: int) -> dict:
         "wall_s": wall,
         "peak_rss_mib": server.peak_rss / 2**20,
     }
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def report(args, levels: list[dict], burst: dict, baseline_rss: float, final_rss: float, model: str) -> str:

@@ -1,157 +1,147 @@
-"""The ablation's bookkeeping: equal cost is only fair if the costs are right."""
+"""benchmarks/ablation.py, run as a user runs it (a subprocess, a tiny model on a slice of data.txt): every arm trains
+for the steps its FLOP budget buys, counted by hilt.flops; deltas are paired by seed; the table reads equal time by
+the measured step cost; a budget the validations cannot hold is refused before any training; --resume finds the
+finished runs of the same text wherever it lies; the medium scale reads the corpus shipped in the repository."""
 
-import importlib.util
 import json
-import math
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from tests.conftest import REPO
+from hilt.flops import training_flops_per_token
+from hilt.model import ModelConfig
+from tests.conftest import DATA_TXT, REPO
 
-spec = importlib.util.spec_from_file_location("ablation", REPO / "benchmarks" / "ablation.py")
-ablation = importlib.util.module_from_spec(spec)
-sys.modules["ablation"] = ablation  # dataclasses look their module up there
-spec.loader.exec_module(ablation)
-
-TINY = dict(vocab_size=97, d_model=32, n_layers=3, n_heads=4, ilt_dim=16, max_seq_len=16)
-REDUCED = dict(vocab_size=1024, d_model=128, n_layers=4, n_heads=4, ilt_dim=64, max_seq_len=64)
+TINY = dict(d_model=32, n_layers=2, n_heads=2, ilt_dim=16)
+B, T, VOCAB = 4, 16, 300
+BUDGET = 24 * B * T * 217_344  # 24 steps of the plain model
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {},
-        {"n_layers_ilt": 0},
-        {"ilt_embed": True},
-        {"ilt_gate": True},
-        {"ilt_window": 3},
-        {"ilt_kind": "depth", "ilt_rank": 8},
-        {"ilt_kind": "depth_multiway", "ilt_rank": 8},
-        {"ilt_kind": "dense"},
-        {"ilt_kind": "x0"},
-    ],
-    ids=["hilt", "plain", "embed", "gate", "window3", "depth", "depth_multiway", "dense", "x0"],
-)
-def test_analytic_flops_equal_torchs_count(overrides):
-    config = ablation.model_config(TINY, overrides)
-    assert ablation.counted_forward_flops(config, 16) == ablation.cost(config, 16)["forward_flops_per_token"]
+def ablation(tmp: Path, text: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "benchmarks/ablation.py", "--text_file", str(text), "--work_dir", str(tmp / "work"),
+           "--out_dir", str(tmp / "out"), "--tokenizer", f"bpe{VOCAB}", "--seq_len", str(T), "--batch_size", str(B),
+           "--workers", "1", "--val_tokens", "512", *(f"--{k}={v}" for k, v in TINY.items()), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_matched_plain_is_within_a_few_percent_on_params_and_flops():
-    hilt = ablation.cost(ablation.model_config(REDUCED, {}), 64)
-    overrides = ablation.matched_plain(REDUCED, 64)
-    plain = ablation.cost(ablation.model_config(REDUCED, overrides), 64)
-    assert overrides["n_layers_ilt"] == 0
-    assert abs(plain["params"] / hilt["params"] - 1) < 0.12
-    assert abs(plain["train_flops_per_token"] / hilt["train_flops_per_token"] - 1) < 0.12
-    # and it is closer than the plain model of the same shape, which simply lacks the ILTs
-    same_shape = ablation.cost(ablation.model_config(REDUCED, {"n_layers_ilt": 0}), 64)
-    assert same_shape["params"] < 0.75 * hilt["params"]
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "slice.txt"
+    path.write_text(DATA_TXT.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    return path
 
 
-def _run(arm, seed, loss, seconds):
-    curve = [
-        {"step": 1, "flops": 1.0, "seconds": seconds / 2, "val_loss": loss + 1.0},
-        {"step": 2, "flops": 2.0, "seconds": seconds, "val_loss": loss},
-    ]
-    return {"arm": arm, "seed": seed, "steps": 2, "tokens": 64, "flops": 2.0, "train_seconds": seconds,
-            "val_loss": loss, "curve": curve}  # fmt: skip
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, text) -> tuple[Path, dict, str]:
+    """Step costs measured first (--step_times), then 4 arms x 2 seeds at the budget."""
+    tmp = tmp_path_factory.mktemp("ablation")
+    timed = ablation(tmp, text, "--arms", "plain,hilt", "--step_times", "2", "--vocab_size", str(VOCAB))
+    assert timed.returncode == 0, timed.stderr
+    run = ablation(tmp, text, "--arms", "hilt,plain,plain+,ilt_off", "--seeds", "2", "--evals", "2",
+                   "--budget", str(BUDGET))  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return tmp, json.loads((tmp / "out" / "ablation.json").read_text()), run.stdout
 
 
-def test_summary_pairs_seeds_and_reads_losses_at_equal_time():
-    arms = [ablation.Arm("hilt", "", {}), ablation.Arm("plain", "", {"n_layers_ilt": 0})]
-    results = [_run("hilt", 0, 4.0, 20.0), _run("hilt", 1, 4.2, 20.0), _run("plain", 0, 3.9, 10.0),
-               _run("plain", 1, 4.0, 10.0)]  # fmt: skip
-    cost = {"params": 2, "params_non_embedding": 1, "train_flops_per_token": 3}
-    hilt, plain = ablation.summarise(results, arms, {"hilt": cost, "plain": cost})
-    assert hilt["val_loss"] == pytest.approx(4.1) and hilt["val_loss_sd"] == pytest.approx(
-        np.std([4.0, 4.2], ddof=1)
+@pytest.mark.slow
+def test_every_arm_trains_the_steps_its_flop_budget_buys(finished):
+    tmp, results, _ = finished
+    rows = {r["arm"]: r for r in results["rows"]}
+    assert list(rows) == ["hilt", "plain", "plain+", "ilt_off"]
+    for arm, row in rows.items():
+        config = ModelConfig(vocab_size=VOCAB, max_seq_len=T, **{**TINY, "ilt_rank": 32, **row["overrides"]})
+        per_token = training_flops_per_token(config, T)
+        assert row["train_flops_per_token"] == per_token
+        assert row["flop_count_check"] == 1.0  # torch's count of the same model agreed
+        steps = round(BUDGET / (per_token * B * T))
+        assert row["steps"] == steps - steps % 2  # a whole number of steps per validation
+        runs = [r for r in results["runs"] if r["arm"] == arm]
+        assert sorted(r["seed"] for r in runs) == [0, 1]
+        assert all(r["flops"] == row["steps"] * B * T * per_token for r in runs)
+        assert all([p["step"] for p in r["curve"]] == [row["steps"] // 2, row["steps"]] for r in runs)
+        assert all(r["val_loss"] < np.log(VOCAB) + 0.5 for r in runs)
+    assert rows["plain"]["steps"] == 24 and rows["hilt"]["steps"] == 16
+    assert rows["ilt_off"]["train_flops_per_token"] == rows["hilt"]["train_flops_per_token"]
+    # plain+ gets the ILTs' parameters back as depth and width: closer to hilt's size than plain is
+    assert abs(rows["plain+"]["params"] / rows["hilt"]["params"] - 1) < 0.15
+    assert rows["plain"]["params"] < rows["plain+"]["params"]
+    # each run's metrics stay for `hilt plot`; its weights do not
+    metrics = tmp / "work" / "runs" / "hilt-s0" / "metrics.jsonl"
+    epochs = [r for r in map(json.loads, metrics.open()) if r["kind"] == "epoch"]
+    hilt_s0 = next(r for r in results["runs"] if r["arm"] == "hilt" and r["seed"] == 0)
+    assert [e["val_loss"] for e in epochs] == [p["val_loss"] for p in hilt_s0["curve"]]
+    assert not list((tmp / "work" / "runs").glob("*/*.pt"))
+
+
+@pytest.mark.slow
+def test_deltas_are_paired_by_seed_and_equal_time_uses_the_step_cost(finished):
+    tmp, results, _ = finished
+    loss = {(r["arm"], r["seed"]): r["val_loss"] for r in results["runs"]}
+    rows = {r["arm"]: r for r in results["rows"]}
+    for arm in ("hilt", "plain+", "ilt_off"):
+        paired = [loss[arm, s] - loss["plain", s] for s in (0, 1)]
+        assert rows[arm]["delta_vs_plain"] == pytest.approx(np.mean(paired))
+        assert rows[arm]["delta_vs_plain_sd"] == pytest.approx(np.std(paired, ddof=1))
+        assert rows[arm]["delta_vs_plain_seeds"] == 2
+    assert rows["plain"]["delta_vs_x0_seeds"] == 0  # no x0 arm ran: its column says so
+    # --step_times measured hilt's step against plain's; in plain's time hilt reaches that fraction of its steps
+    costs = json.loads((tmp / "out" / "ablation_step_times.json").read_text())["cpu_vs_plain"]
+    assert costs["plain"] == 1.0 and costs["hilt"] > 1.0
+    assert rows["hilt"]["equal_time_step"] == pytest.approx(min(24 / costs["hilt"], 16))
+    assert "equal_time_step" not in rows["plain+"]  # its step was not timed
+    table = (tmp / "out" / "ablation.md").read_text()
+    assert "at plain's time by step cost" in table
+    hilt_line = next(line for line in table.splitlines() if line.startswith("| hilt |"))
+    assert f"{rows['hilt']['delta_vs_plain']:+.4f} ± {rows['hilt']['delta_vs_plain_sd']:.4f} (2)" in hilt_line
+
+
+@pytest.mark.slow
+def test_a_budget_longer_than_the_validations_allow_is_refused_before_training(tmp_path, text):
+    proc = ablation(
+        tmp_path, text, "--arms", "plain", "--seeds", "1", "--evals", "2", "--budget", str(BUDGET * 100)
     )
-    assert plain["delta_vs_hilt"] == pytest.approx((-0.1 - 0.2) / 2)  # per seed: 3.9 - 4.0 and 4.0 - 4.2
-    assert hilt["delta_vs_plain"] == pytest.approx(0.15) and hilt["delta_vs_plain_seeds"] == 2
-    assert hilt["delta_vs_x0_seeds"] == 0  # no x0 arm ran: its column says so
-    # plain finished in 10 s; hilt was half-way then: loss + 1 at its first validation
-    assert plain["equal_seconds"] == 10.0
-    assert hilt["val_loss_at_equal_seconds"] == pytest.approx(5.1)
-    assert plain["val_loss_at_equal_seconds"] == pytest.approx(3.95)
-    table = ablation.markdown([hilt, plain], {})
-    assert "| plain |" in table and "-0.1500 ± 0.0707 (2)" in table and "+0.1500 ± 0.0707 (2)" in table
+    assert proc.returncode == 2
+    assert "more than one pass over the data" in proc.stderr and "use --evals" in proc.stderr
+    assert not (tmp_path / "out" / "ablation_runs.jsonl").exists()
 
 
-def test_one_run_trains_its_budgeted_steps_with_the_real_trainer(tmp_path):
-    rng = np.random.default_rng(0)
-    np.save(tmp_path / "train.npy", rng.integers(0, 97, 2000).astype(np.uint16))
-    np.save(tmp_path / "val.npy", rng.integers(0, 97, 300).astype(np.uint16))
-    config = ablation.model_config(TINY, {})
-    task = {"arm": "hilt", "overrides": {}, "seed": 0, "steps": 4, "cost": ablation.cost(config, 16), "base": TINY,
-            "work": str(tmp_path), "text_file": "unused", "tokenizer": None, "batch_size": 4, "seq_len": 16,
-            "lr": 1e-3, "evals": 2}  # fmt: skip
-    threads = torch.get_num_threads()
-    try:
-        result = ablation.run_one(task)
-    finally:
-        torch.set_num_threads(threads)
-    assert result["steps"] == 4 and [p["step"] for p in result["curve"]] == [2, 4]
-    assert result["flops"] == 4 * 4 * 16 * task["cost"]["train_flops_per_token"]
-    assert result["val_loss"] == result["curve"][-1]["val_loss"] < np.log(97) + 0.5
-    assert len(result["ilt"]["ratio"]) == 2
-    run_dir = tmp_path / "runs" / "hilt-s0"
-    epochs = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if r["kind"] == "epoch"]
-    assert [e["val_loss"] for e in epochs] == [p["val_loss"] for p in result["curve"]]
-    assert not list(run_dir.glob("*.pt"))
+@pytest.mark.slow
+def test_resume_reuses_finished_runs_of_the_same_text_at_another_path(finished, tmp_path):
+    """The committed runs files must serve any clone: a run is matched by its text's content, not its path."""
+    tmp, results, _ = finished
+    moved = tmp_path / "elsewhere" / "slice.txt"
+    moved.parent.mkdir()
+    moved.write_bytes(Path(results["meta"]["settings"]["text_file"]).read_bytes())
+    again = ablation(tmp, moved, "--arms", "hilt,plain,plain+,ilt_off", "--seeds", "2", "--evals", "2",
+                     "--budget", str(BUDGET), "--resume")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "--resume: 8 runs already done" in again.stdout
+    assert " val loss " not in again.stdout.split("--resume:")[1].split("\n| arm |")[0]  # nothing trained
+    rows = json.loads((tmp / "out" / "ablation.json").read_text())["rows"]
+    assert [r["val_loss"] for r in rows] == [r["val_loss"] for r in results["rows"]]
 
 
-def test_a_budget_longer_than_the_validations_allow_fails_loudly(tmp_path):
-    """An epoch never spans passes over the data: 3,296 steps in 4 validations of at most 405 batches each would
-    silently stop at 1,620. The script refuses before training; a run that still came up short raises."""
-    assert ablation.too_few_evals(3296, 16, 405) is None
-    assert "use --evals 9 or more" in ablation.too_few_evals(3296, 4, 405)
-    rng = np.random.default_rng(0)
-    np.save(
-        tmp_path / "train.npy", rng.integers(0, 97, 2000).astype(np.uint16)
-    )  # 124 windows: 31 batches of 4
-    np.save(tmp_path / "val.npy", rng.integers(0, 97, 300).astype(np.uint16))
-    config = ablation.model_config(TINY, {"n_layers_ilt": 0})
-    task = {"arm": "plain", "overrides": {"n_layers_ilt": 0}, "seed": 0, "steps": 80, "cost": ablation.cost(config, 16),
-            "base": TINY, "work": str(tmp_path), "text_file": "unused", "tokenizer": None, "batch_size": 4,
-            "seq_len": 16, "lr": 1e-3, "evals": 2}  # fmt: skip
-    threads = torch.get_num_threads()
-    try:
-        with pytest.raises(RuntimeError, match="31 steps after validation 1, planned 40"):
-            ablation.run_one(task)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_one_seed_shows_no_spread_rather_than_a_zero_one():
-    arms = [ablation.Arm("plain", "", {"n_layers_ilt": 0}), ablation.Arm("depth", "", {"ilt_kind": "depth"})]
-    results = [_run("plain", 0, 3.5, 10.0), _run("depth", 0, 3.45, 10.0)]
-    cost = {"params": 2, "params_non_embedding": 1, "train_flops_per_token": 3}
-    plain, depth = ablation.summarise(results, arms, {"plain": cost, "depth": cost})
-    assert math.isnan(depth["delta_vs_plain_sd"]) and depth["delta_vs_plain"] == pytest.approx(-0.05)
-    row = ablation.markdown([plain, depth], {}).splitlines()[-1]
-    assert "| 3.4500 |" in row and "| -0.0500 (1) |" in row and "±" not in row
-
-
-def test_equal_time_by_measured_step_cost_reads_the_slower_arm_earlier_on_its_curve():
-    arms = [ablation.Arm("plain", "", {"n_layers_ilt": 0}), ablation.Arm("depth", "", {"ilt_kind": "depth"})]
-    # both ran 2 steps; depth's step costs 4/3 of plain's, so in plain's time it reaches step 1.5
-    results = [_run("plain", 0, 3.5, 10.0), _run("depth", 0, 3.4, 99.0), _run("plain", 1, 3.6, 10.0),
-               _run("depth", 1, 3.4, 99.0)]  # fmt: skip
-    cost = {"params": 2, "params_non_embedding": 1, "train_flops_per_token": 3}
-    plain, depth = ablation.summarise(
-        results, arms, {"plain": cost, "depth": cost}, {"plain": 1.0, "depth": 4 / 3}
-    )
-    assert depth["equal_time_step"] == pytest.approx(1.5)
-    assert depth["val_loss_at_equal_time"] == pytest.approx(3.9)  # half-way between 4.4 and 3.4
-    assert depth["equal_time_delta_vs_plain"] == pytest.approx((0.4 + 0.3) / 2)  # paired with plain's end
-    assert plain["val_loss_at_equal_time"] == pytest.approx(3.55)
-    row = ablation.markdown([plain, depth], {}).splitlines()[-1]
-    assert row.endswith("| 2 | 3.9000 | +0.3500 ± 0.0707 (2) |")
-    # without a measurement the table has no such columns
-    assert "step cost" not in ablation.markdown(
-        ablation.summarise(results, arms, {"plain": cost, "depth": cost}), {}
-    )
+@pytest.mark.slow
+def test_the_medium_scale_trains_on_the_shipped_corpus(tmp_path):
+    """A clone has benchmarks/data/kjv.txt.xz and nothing outside the repository: the medium scale unpacks it (the
+    corpus reader takes plain text only) and records the text's SHA-256, which its README states."""
+    readme = (REPO / "benchmarks" / "data" / "README.md").read_text(encoding="utf-8")
+    stated = next(line.split()[0] for line in readme.splitlines() if line.strip().endswith("  kjv.txt"))
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/ablation.py", "--scale", "medium", "--smoke", "--arms", "plain", "--workers",
+         "1", "--work_dir", str(tmp_path)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    runs = [json.loads(line) for line in (tmp_path / "smoke" / "ablation_medium_runs.jsonl").open()]
+    assert sorted(r["seed"] for r in runs) == [0, 1]
+    assert {r["settings"]["text_sha256"] for r in runs} == {stated}
+    assert (tmp_path / "kjv.txt").stat().st_size == 4_304_196
+    # the committed medium runs were trained on the same text
+    committed = REPO / "benchmarks" / "results" / "ablation_medium_runs.jsonl"
+    assert {json.loads(line)["settings"]["text_sha256"] for line in committed.open()} == {stated}

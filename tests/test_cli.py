@@ -9,7 +9,7 @@ import pytest
 
 from hilt.cli import COMMANDS, build_parser, main, subcommand_parsers
 from hilt.train import TrainConfig
-from tests.conftest import REPO
+from tests.conftest import REPO, save_untrained_checkpoint
 
 
 def flags_of(command: str) -> set[str]:
@@ -147,3 +147,13 @@ def test_a_subcommand_gets_only_its_own_flags_when_run():
         assert {o for a in sub[name]._actions for o in a.option_strings} == {
             o for a in full[name]._actions for o in a.option_strings
         }
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_inspect_refuses_a_modulation_scale_that_is_not_a_number(tmp_path, capsys, value):
+    model = save_untrained_checkpoint(tmp_path)
+    out = tmp_path / "heat.png"
+    args = ["inspect", "--model_path", model, "--out", str(out), "--device", "cpu"]
+    assert main([*args, f"--modulation_scale={value}"]) == 2  # "=": a bare "-inf" would read as a flag
+    assert capsys.readouterr().err == f"error: --modulation_scale must be a finite number, got {value}\n"
+    assert not out.exists()

@@ -1,13 +1,21 @@
 """Corpus readers and the piece pipeline: chunked ids equal one-shot ids, documents, formats, bad input."""
 
+import errno
 import gzip
 import json
+import os
 import random
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from hilt.cli import main
 from hilt.corpus import Corpus, check_text_head, resolve_sources
 from hilt.encode import piece_encoder, tokenize_corpus
 from hilt.errors import UserError
@@ -230,6 +238,125 @@ def test_jsonl_errors_name_the_line(tmp_path, tok):
         UserError, match=r"line 1 has no text field 'text' \(found: id, story\); choose one with --text_field"
     ):
         tokenize_corpus(Corpus(missing), tok)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            '{"text": 5}',
+            "line 2: field 'text' holds a number, not a string; choose the text field with --text_field",
+        ),
+        ('{"text": null}', "line 2: field 'text' holds null, not a string"),
+        ('["a", "b"]', "line 2 is a list, not a JSON object with a 'text' field"),
+        (
+            '{"text": "tab\there"}',
+            "line 2 is not valid JSON: Invalid control character at column 14 ('\\t': inside a string it must be "
+            "escaped)",
+        ),
+        ('{"text": "no end', "line 2 is not valid JSON: Unterminated string starting at column 10"),
+        ('{"text": "x"} more', "line 2 is not valid JSON: Extra data at column 15"),
+    ],
+    ids=["number", "null", "list", "control-character", "unterminated", "extra-data"],
+)
+def test_jsonl_errors_say_what_is_wrong_in_one_line(tmp_path, capsys, line, message):
+    src = write(tmp_path / "bad.jsonl", '{"text": "fine"}\n' + line + "\n")
+    assert main(["prepare", "--text_file", str(src), "--cache_dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {src.resolve()} {message}") and err.count("\n") == 1
+
+
+# --- unreadable input -------------------------------------------------------------------------------------------
+
+
+REAL_SCANDIR = os.scandir
+
+
+def deny_listing(monkeypatch, *folders: Path) -> None:
+    """os.scandir refuses ``folders`` as it does for a user without read permission on them (root reads any
+    folder, so chmod alone shows nothing in a test run as root)."""
+    denied = {os.path.abspath(f) for f in folders}
+
+    def scandir(path="."):
+        if os.path.abspath(path) in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return REAL_SCANDIR(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_an_unreadable_folder_of_the_input_is_an_error_not_skipped(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "in"
+    for folder in ("sub", ".hidden"):
+        (src / folder).mkdir(parents=True)
+    write(src / "a.txt", "ay\n")
+    write(src / "sub" / "b.txt", "bee\n")
+    write(src / ".hidden" / "c.txt", "not input\n")
+    deny_listing(monkeypatch, src / "sub", src / ".hidden")
+    cache = tmp_path / "cache"
+    for spec in (src, src / "**" / "*.txt", src / "*" / "*.txt"):
+        assert main(["prepare", "--text_file", str(spec), "--cache_dir", str(cache)]) == 2
+        assert capsys.readouterr().err == f"error: cannot read the folder {src / 'sub'}: Permission denied\n"
+        assert not cache.exists()
+    # a hidden folder is not input (.hilt_cache, .git): that it cannot be read does not matter
+    deny_listing(monkeypatch, src / ".hidden")
+    assert main(["prepare", "--text_file", str(src), "--cache_dir", str(cache)]) == 0
+    assert [p.name for p in resolve_sources(src)] == ["a.txt", "b.txt"]
+
+
+def unprivileged() -> list[str] | None:
+    """A command prefix that runs a program without root's power to read anything: none for a user who is not
+    root, setpriv to 'nobody' for root, None where neither works."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    can_run = subprocess.run([*prefix, sys.executable, "-c", "import hilt.cli"], capture_output=True, cwd="/")
+    return prefix if can_run.returncode == 0 else None
+
+
+def test_unreadable_input_under_real_permissions_names_the_folder_or_file():
+    prefix = unprivileged()
+    if prefix is None:
+        pytest.skip("no way here to run a command as a user without root's read-anything power")
+    root = Path(
+        tempfile.mkdtemp(prefix="hilt-perm-")
+    )  # not under pytest's tmp_path: 'nobody' cannot enter that
+    try:
+        root.chmod(0o777)
+        src = root / "in"
+        for folder in ("locked", "unsearchable"):
+            (src / folder).mkdir(parents=True)
+        write(src / "a.txt", "ay\n" * 100)
+        write(src / "locked" / "b.txt", "bee\n" * 100)
+        write(src / "unsearchable" / "c.txt", "sea\n" * 100)
+
+        def prepare() -> subprocess.CompletedProcess:
+            args = ["prepare", "--text_file", str(src), "--cache_dir", str(root / "cache")]
+            cmd = [*prefix, sys.executable, "-m", "hilt", *args]
+            return subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+
+        (src / "locked").chmod(0o000)  # cannot be listed
+        run = prepare()
+        assert (
+            run.returncode == 2
+            and run.stderr == f"error: cannot read the folder {src / 'locked'}: Permission denied\n"
+        )
+        (src / "locked").chmod(0o755)
+        (src / "unsearchable").chmod(0o644)  # listed, but what it holds cannot be looked at
+        run = prepare()
+        assert run.returncode == 2
+        assert run.stderr == f"error: cannot read {src / 'unsearchable' / 'c.txt'}: Permission denied\n"
+        (src / "unsearchable").chmod(0o755)
+        run = prepare()
+        assert run.returncode == 0, run.stderr
+        assert "Token cache: 602 tokens, 3 document(s)" in run.stdout  # 200 ids per file, 2 <EOS>
+    finally:
+        for folder in root.rglob("*"):
+            folder.chmod(0o755)
+        shutil.rmtree(root)
 
 
 def test_parquet_rows_are_documents(tmp_path, tok):

@@ -11,7 +11,7 @@ from hilt.evaluate import HeadLoss, evaluate_tokens, run_eval, sliding_windows
 from hilt.model import HierarchicalTransformer, kernels
 from hilt.tokenizer import Tokenizer
 from hilt.train import TrainConfig, Trainer, run_training
-from tests.conftest import DATA_TXT, tiny_config
+from tests.conftest import DATA_TXT, save_untrained_checkpoint, tiny_config
 
 
 @pytest.mark.parametrize("n, seq_len, stride", [(10, 4, 2), (50, 8, 8), (50, 8, 3), (37, 8, 1), (6, 8, 4)])
@@ -220,3 +220,23 @@ def test_hilt_eval_cli_any_text_and_user_errors(trained_run, capsys):
     assert main(["eval", "--model_path", model]) == 2  # neither --text_file nor --split
     assert "--text_file" in capsys.readouterr().err
     assert main(["eval", "--model_path", str(out / "missing.pt"), "--text_file", str(text)]) == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "rule"),
+    [
+        ("--max_tokens", "-1", "--max_tokens must be >= 0 (0 = all of them), got -1"),
+        ("--modulation_scale", "nan", "--modulation_scale must be a finite number, got nan"),
+        ("--modulation_scale", "inf", "--modulation_scale must be a finite number, got inf"),
+        ("--batch_size", "0", "--batch_size must be at least 1, got 0"),  # not "the training run's"
+        ("--seq_len", "0", "--seq_len must be at least 1, got 0"),
+    ],
+)
+def test_hilt_eval_refuses_bad_numbers_in_one_line(tmp_path, capsys, flag, value, rule):
+    model = save_untrained_checkpoint(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text(DATA_TXT.read_text()[:2000])
+    args = ["eval", "--model_path", model, "--text_file", str(text), "--device", "cpu", flag, value]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {rule}\n" and "Loss:" not in captured.out

@@ -252,8 +252,10 @@ def test_prompt_lists_echo_and_logprobs(server, client):
     assert [c.index for c in out.choices] == [0, 1]
     assert out.choices[0].text.startswith("Hello") and out.choices[1].text.startswith("World")
     lp = out.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
-    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+    n_prompt = len(tokens(server, "Hello"))  # echo lists the prompt's tokens first
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n_prompt + 5
+    generated = zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True)
+    for token, logprob, top in list(generated)[n_prompt:]:
         assert logprob <= 0 and len(top) == 2
         assert max(top, key=top.get) == token and top[token] == pytest.approx(
             logprob
@@ -285,7 +287,8 @@ def test_chat_streamed_and_not(server, client):
         model=NAME, messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
     )
     content = with_logprobs.choices[0].logprobs.content
-    assert len(content) == with_logprobs.usage.completion_tokens and len(content[0].top_logprobs) == 3
+    assert "".join(t.token for t in content) == with_logprobs.choices[0].message.content
+    assert 0 < len(content) <= with_logprobs.usage.completion_tokens and len(content[0].top_logprobs) == 3
 
 
 def test_tokenize_detokenize_and_metrics(server, client):
@@ -305,6 +308,141 @@ def test_the_playground_is_served_with_its_files(server):
     for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', page):
         assert call(server, "GET", asset)[0] == 200
     assert "http" not in re.sub(r"http://www\.w3\.org", "", page)  # nothing loaded from elsewhere
+
+
+def test_head_answers_wherever_get_does(server):
+    for path, headers in [
+        ("/", {}),
+        ("/health", {}),
+        ("/static/app.js", {}),
+        ("/v1/models", AUTH),
+        (f"/v1/models/{NAME}", AUTH),
+        ("/metrics", AUTH),
+    ]:
+        status, got, body = call(server, "HEAD", path, headers=headers)
+        get_status, get_headers, _ = call(server, "GET", path, headers=headers)
+        assert (status, get_status, body) == (200, 200, ""), path  # the headers only
+        assert got["content-type"] == get_headers["content-type"], path
+    assert call(server, "HEAD", "/v1/models")[0] == 401  # HEAD needs the key as GET does
+
+
+def test_echo_with_logprobs_scores_the_prompt_tokens(server, client, checkpoint):
+    from hilt.checkpoint import load_model_and_tokenizer
+
+    prompt, new = "To be, or not to be", 6
+    ids = tokens(server, prompt)
+    n = len(ids)
+    done = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=new, temperature=0, echo=True, logprobs=2
+    )
+    choice, lp = done.choices[0], done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n + new
+    assert "".join(lp.tokens[:n]) == prompt and "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(n + new)]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes the first token
+    # each prompt token's logprob is the model's, at the position before it (the reference model in fp32;
+    # the server computes in bf16 where the CPU has it)
+    model, _, _ = load_model_and_tokenizer(checkpoint, torch.device("cpu"))
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).float().log_softmax(-1)[0]  # (T, V)
+    for i in range(1, n):
+        assert lp.token_logprobs[i] == pytest.approx(expected[i - 1, ids[i]].item(), abs=0.02)
+        top = sorted(lp.top_logprobs[i].values(), reverse=True)
+        assert top == pytest.approx(expected[i - 1].topk(2).values.tolist(), abs=0.02)
+    # the engine's first token comes from the same distribution: greedy took its largest logprob
+    assert lp.token_logprobs[n] == pytest.approx(expected[n - 1].max().item(), abs=0.02)
+
+    # streamed: the echo chunk carries the prompt's entries, and the chunks add up to the same lists
+    chunks = list(
+        client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=new, temperature=0, echo=True, logprobs=2, stream=True
+        )
+    )
+    first = chunks[0].choices[0]
+    assert first.text == prompt and first.logprobs.tokens == lp.tokens[:n]
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+    logprobs = [v for s in streamed for v in s.token_logprobs]
+    assert logprobs[0] is None and logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    # logprobs=0: the same tokens and logprobs, no alternatives
+    zero = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=new, temperature=0, echo=True, logprobs=0
+    ).choices[0]
+    assert zero.logprobs.tokens == lp.tokens and zero.logprobs.top_logprobs == [None] * (n + new)
+
+
+def test_chat_logprob_tokens_join_to_the_reply(server, client):
+    messages = [{"role": "user", "content": "Who art thou?"}]
+    settings = {"model": NAME, "max_tokens": 8, "temperature": 0}
+    # the model's own text after the template's "Assistant:" begins with a space, which chat drops
+    rendered = "<BOS>User: Who art thou?\nAssistant:"
+    role_stops = ["\nSystem:", "\nUser:", "\nAssistant:"]
+    raw = client.completions.create(prompt=rendered, stop=role_stops, **settings).choices[0].text
+    assert raw.startswith(" ") and raw.strip()
+    done = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, **settings)
+    content = done.choices[0].message.content
+    assert content == raw.lstrip()
+    entries = done.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == content
+    assert all(bytes(e.bytes) == e.token.encode() and len(e.top_logprobs) == 2 for e in entries)
+    # a stop string cutting a token in two: the last entry is cut with it
+    stop = content[len(content) // 2 : len(content) // 2 + 3]
+    cut = client.chat.completions.create(messages=messages, logprobs=True, stop=stop, **settings).choices[0]
+    assert cut.message.content == content[: content.index(stop)] and cut.finish_reason == "stop"
+    assert "".join(e.token for e in cut.logprobs.content) == cut.message.content
+    # streamed: the deltas and the chunks' logprob tokens both join to the same reply
+    for extra in ({}, {"stop": stop}):
+        chunks = list(
+            client.chat.completions.create(messages=messages, logprobs=True, stream=True, **settings, **extra)
+        )
+        deltas = "".join(c.choices[0].delta.content or "" for c in chunks)
+        joined = "".join(
+            e.token for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content
+        )
+        assert deltas == joined == (cut.message.content if extra else content)
+
+
+def test_token_texts_follow_the_engines_text(checkpoint):
+    """Scripted tokens through the real engine (its hold-back for stop strings, its cut, <EOS>): whitespace
+    tokens, a character split over two tokens, a stop string that ends inside a token."""
+    from hilt.checkpoint import load_model_and_tokenizer
+    from hilt.engine import Engine, SamplingParams
+    from hilt.serve.logprobs import token_texts
+
+    model, tokenizer, _ = load_model_and_tokenizer(checkpoint, torch.device("cpu"))
+    engine = Engine(model, tokenizer, max_slots=1).start()
+    text = "\n\n\n\n\nIUS: caf\u00e9 \u4e16\u754c\nUser: more"
+    # one entry per token of the text; the first half of a character split over two tokens gets ""
+    words = ["I", "US", ":", " caf\u00e9", " ", "", "\u4e16", "", "\u754c"]
+    spaces = ["\n\n", "\n\n", "\n"]
+    try:
+        for stop, strip, expected in [
+            (["\nUser:"], True, words),  # chat: the leading newlines dropped
+            (["\nUser:"], False, spaces + words),
+            (["Us"], False, [*spaces, *words, "\n"]),  # a stop string ending inside the token "User"
+            ([], True, [*words, "\n", "User", ":", " more"]),  # to <EOS>, which adds no text
+        ]:
+            script = iter([*tokenizer.encode(text), tokenizer.eos_id])
+
+            def head(hidden, script=script):  # logits that make greedy decoding follow the script
+                logits = torch.zeros(hidden.shape[0], tokenizer.vocab_size)
+                logits[:, next(script)] = 1.0
+                return logits
+
+            engine._head = head
+            params = SamplingParams(max_new_tokens=64, temperature=0, stop=stop, logprobs=0)
+            outs = list(engine.submit([tokenizer.bos_id], params))
+            sent = "".join(o.text for o in outs)
+            entries = token_texts(tokenizer, outs, strip_leading=strip)
+            assert [t for _, t, _ in entries] == expected
+            assert "".join(expected) == (sent.lstrip() if strip else sent)
+            assert [offset for _, _, offset in entries] == [
+                len("".join(expected[:i])) for i in range(len(expected))
+            ]
+            assert all(o.logprob is not None and o.token_id is not None for o, _, _ in entries)
+    finally:
+        engine.shutdown()
 
 
 # --- errors: OpenAI's shape and status -----------------------------------------------------------------------
@@ -333,7 +471,7 @@ def test_400_for_malformed_wrong_typed_and_out_of_range_requests(server):
     assert_error(post({"prompt": "x", "n": 0}), 400, "n")
     assert_error(post({"prompt": "x", "n": 3}), 400, "n", ("at most 2",))
     assert_error(post({"prompt": "x", "logprobs": 9}), 400, "logprobs")
-    assert_error(post({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400, "stop")
+    assert_error(post({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400, "stop", ("at most 4",))
     assert_error(post({"prompt": "x", "frequency_penalty": 0.5}), 400, words=("not supported",))
     assert_error(post({"messages": [{"role": "wizard", "content": "x"}]}, path="/v1/chat/completions"), 400)
     n_prompt = len(tokens(server, "one two three"))
@@ -341,6 +479,60 @@ def test_400_for_malformed_wrong_typed_and_out_of_range_requests(server):
     for number in (CONTEXT, n_prompt, n_prompt + CONTEXT):
         assert str(number) in error["message"]
     assert error["code"] == "context_length_exceeded"
+
+
+CHAT = "/v1/chat/completions"
+
+
+def body_for(path: str, **fields) -> dict:
+    prompt = (
+        {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    )
+    return {**prompt, "max_tokens": 2, **fields}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", CHAT])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_empty_stop_string_is_a_400(server, path, stream):
+    for stop in ("", ["a", ""]):
+        body = body_for(path, stop=stop, stream=stream)
+        assert_error(call(server, "POST", path, body, AUTH), 400, "stop", ("non-empty",))
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_the_official_client_gets_a_bad_request_for_an_empty_stop(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=NAME, prompt="x", max_tokens=2, stop="")
+    assert caught.value.status_code == 400 and caught.value.body["param"] == "stop"
+
+
+def test_list_values_name_the_rule_they_break(server):
+    def refused(body, param, words, path="/v1/completions"):
+        _, error = assert_error(call(server, "POST", path, body, AUTH), 400, param, words)
+        assert "valid string" not in error["message"]
+
+    five = ["a", "b", "c", "d", "e"]
+    refused({"prompt": "x", "stop": five}, "stop", ("at most 4", "has 5"))
+    refused(body_for(CHAT, stop=five), "stop", ("at most 4",), path=CHAT)
+    refused({"prompt": "x", "stop": [""]}, "stop", ("non-empty",))
+    refused({"prompt": []}, "prompt", ("empty list",))
+    refused({"prompt": [464, 2068]}, "prompt", ("token-id prompts are not supported",))
+    refused({"prompt": [[464, 2068]]}, "prompt", ("token-id prompts are not supported",))
+    status, _, done = call(
+        server, "POST", "/v1/completions", body_for("/v1/completions", stop=five[:4]), AUTH
+    )
+    assert status == 200 and done["usage"]["completion_tokens"] >= 1  # four, the limit, go through
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", CHAT])
+def test_a_json_response_format_is_refused_and_text_accepted(server, path):
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}):
+        body = body_for(path, response_format=fmt)
+        assert_error(
+            call(server, "POST", path, body, AUTH), 400, "response_format", (fmt["type"], "not supported")
+        )
+    status, _, done = call(server, "POST", path, body_for(path, response_format={"type": "text"}), AUTH)
+    assert status == 200 and done["usage"]["completion_tokens"] == 2
 
 
 def test_401_without_the_key_and_the_key_compared_whole(server):

@@ -19,7 +19,7 @@ from playwright.sync_api import expect, sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too
 
-from tests.test_serve import NAME, Server, metric, save_tiny_checkpoint  # noqa: E402
+from tests.test_serve import NAME, Server, call, metric, save_tiny_checkpoint  # noqa: E402
 
 
 def chromium() -> str | None:
@@ -132,6 +132,83 @@ def test_chat_mode_and_a_refusal_shown_as_the_servers_message(page):
     assert "400" in page.inner_text("#error") and "context" in page.inner_text("#error")
     assert len(page.locator(".msg.user").all()) == 1
     assert page.input_value("#prompt") == "And now a long answer"  # given back to edit
+
+
+def sent_bodies(page) -> list[dict]:
+    """The JSON bodies the page posts from now on, as the server receives them."""
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.method == "POST" else None)
+    return bodies
+
+
+def test_stop_strings_one_per_line_any_text_and_an_error_past_four(server, page):
+    page.click("#mode-completion")
+    set_value(page, "#max_tokens", 40)
+    set_value(page, "#temperature", 0)
+    page.fill("#prompt", "To be, or not")
+    # a comma is a stop string of its own line; \n writes a newline
+    page.fill("#stops", ",\n\\n\\n\nsee you")
+    with page.expect_request(lambda r: r.url.endswith("/v1/completions")) as sent:
+        page.click("#send")
+    body = sent.value.post_data_json
+    assert body["stop"] == [",", "\n\n", "see you"]
+    expect(page.locator("#status")).to_have_text(re.compile("^done"))
+    # the page shows what the server generates with exactly those stop strings
+    plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    expected = call(server, "POST", "/v1/completions", plain)[2]["choices"][0]["text"]
+    assert page.eval_on_selector("#output .generated", "el => el.textContent") == expected
+    # five lines: an error naming the limit, nothing sent, nothing cut
+    shown = page.eval_on_selector("#output", "el => el.textContent")
+    bodies = sent_bodies(page)
+    page.fill("#stops", "a\nb\nc\nd\ne")
+    page.click("#send")
+    expect(page.locator("#error")).to_contain_text("at most 4")
+    assert "there are 5" in page.inner_text("#error") and page.inner_text("#status") == "not sent"
+    time.sleep(0.3)
+    assert bodies == [] and page.eval_on_selector("#output", "el => el.textContent") == shown
+    page.fill("#stops", "")
+
+
+def test_chat_sends_the_system_prompt_first(server, page):
+    page.click("#mode-completion")
+    assert page.is_hidden("#system")  # a completion has no system prompt
+    page.click("#clear")
+    page.click("#mode-chat")
+    page.fill("#system", "You are terse.")
+    set_value(page, "#max_tokens", 4)
+    page.fill("#prompt", "Hello there")
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        page.click("#send")
+    assert sent.value.post_data_json["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hello there"},
+    ]
+    expect(page.locator("#status")).to_have_text(re.compile("^done"))
+    # the server rendered it into the prompt: its token count is the whole transcript's
+    rendered = "<BOS>System: You are terse.\nUser: Hello there\nAssistant:"
+    assert int(page.inner_text("#prompt-tokens")) == len(
+        call(server, "POST", "/tokenize", {"text": rendered})[2]["tokens"]
+    )
+    # the next turn sends it first again, before the conversation so far
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        page.fill("#prompt", "Again")
+        page.click("#send")
+    roles = [m["role"] for m in sent.value.post_data_json["messages"]]
+    assert roles == ["system", "user", "assistant", "user"]
+    expect(page.locator("#status")).to_have_text(re.compile("^done"))
+    page.fill("#system", "")
+
+
+def test_a_refused_completion_shows_the_error_not_the_prompt(page):
+    page.click("#mode-completion")
+    set_value(page, "#max_tokens", 1024)
+    page.fill("#prompt", "Thou art a villain")
+    page.click("#send")
+    expect(page.locator("#status")).to_have_text("refused")
+    output = page.eval_on_selector("#output", "el => el.textContent")
+    assert "Thou art" not in output and "context" in output and "400" in output
+    assert page.locator("#output .prompt-echo").count() == 0
+    assert page.input_value("#prompt") == "Thou art a villain"  # still there to edit
 
 
 def test_readable_on_a_phone(server, browser):

@@ -458,8 +458,12 @@ def add_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import math
+
     from hilt.ilt_stats import run_inspect
 
+    if args.modulation_scale is not None and not math.isfinite(args.modulation_scale):
+        raise UserError(f"--modulation_scale must be a finite number, got {args.modulation_scale}")
     run_inspect(args.model_path, args.prompt, args.out, args.device, args.modulation_scale)
     return 0
 
@@ -531,6 +535,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:
+        # a full disk is never a bug: one line, even for a write that does not name its file (a log line)
+        from hilt.files import DISK_FULL, os_error_behind
+
+        cause = os_error_behind(e)
+        if cause is None or cause.errno not in DISK_FULL:
+            raise
+        where = f" writing {cause.filename}" if cause.filename else ""
+        print(f"error: {cause.strerror}{where}; free some space or write elsewhere", file=sys.stderr)
+        return UserError.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

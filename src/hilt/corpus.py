@@ -28,7 +28,9 @@ import codecs
 import glob
 import hashlib
 import json
+import os
 import re
+import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -74,28 +76,67 @@ _HEAD_BYTES = 8192
 
 def resolve_sources(spec: str | Path) -> list[Path]:
     """The files ``--text_file`` names, in a fixed order: a file, a folder (its .txt/.jsonl/.parquet files, hidden
-    folders skipped, sorted by path) or a glob (sorted)."""
+    folders skipped, sorted by path) or a glob (sorted). A folder that cannot be listed, or a file whose kind cannot
+    be checked, is an error: skipping it would train on part of the input without a word."""
     spec = str(spec)
     path = Path(spec)
     if not path.exists() and any(c in spec for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        _check_glob_folders(spec)
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if _is_file(Path(p)))
         if not files:
             raise UserError(f"no files match {spec}")
     elif not path.exists():
         raise UserError(f"text file not found: {spec}")
     elif path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.suffix in DIR_SUFFIXES
-            and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
+        files = _folder_files(path)
         if not files:
             raise UserError(f"text file is a directory with no .txt, .jsonl or .parquet files in it: {spec}")
     else:
         files = [path]
     return [f.resolve() for f in files]
+
+
+def _unreadable_folder(e: OSError) -> None:
+    raise UserError(f"cannot read the folder {e.filename}: {e.strerror}")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except FileNotFoundError:  # a dangling link: nothing there to read
+        return False
+    except OSError as e:  # e.g. a folder without search (x) permission: its files cannot even be looked at
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _folder_files(root: Path) -> list[Path]:
+    # os.walk instead of Path.rglob: rglob skips a folder it may not list without a word
+    files = []
+    for folder, subfolders, names in os.walk(root, onerror=_unreadable_folder):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # .hilt_cache, .git: not input
+        for name in names:
+            if (
+                not name.startswith(".")
+                and Path(name).suffix in DIR_SUFFIXES
+                and _is_file(Path(folder, name))
+            ):
+                files.append(Path(folder, name))
+    return sorted(files)
+
+
+def _check_glob_folders(spec: str) -> None:
+    """Lists every folder the glob lists (those before a wildcard part, and all of them under ``**``), because
+    glob.glob silently skips the ones it may not read."""
+    parts = Path(spec).parts
+    for depth, part in enumerate(parts):
+        if any(c in part for c in "*?[") or (depth and parts[depth - 1] == "**"):
+            folders = glob.glob(os.path.join(*parts[:depth], ""), recursive=True) if depth else ["."]
+            for folder in folders:
+                try:
+                    with os.scandir(folder):
+                        pass
+                except OSError as e:
+                    raise UserError(f"cannot read the folder {folder.rstrip(os.sep)}: {e.strerror}") from None
 
 
 def source_kind(path: Path) -> str:
@@ -142,6 +183,29 @@ def file_sha256(path: Path) -> str:
         while block := f.read(BLOCK_BYTES):
             h.update(block)
     return h.hexdigest()
+
+
+def json_error(e: json.JSONDecodeError) -> str:
+    """What is wrong with a JSON line, and where. ``e.msg`` alone can end mid-sentence ("Invalid control
+    character at"): the position is kept in separate fields."""
+    what = f"{e.msg.removesuffix(' at')} at column {e.colno}"
+    if e.msg.startswith("Invalid control character"):
+        what += f" ({e.doc[e.pos]!r}: inside a string it must be escaped)"
+    return what
+
+
+_JSON_KINDS = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+
+
+def _json_kind(value: object) -> str:
+    return "null" if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
 
 
 # --- UTF-8 decoding that counts what it replaces --------------------------------------------------------------
@@ -383,15 +447,24 @@ class Corpus:
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.rstrip("\r\n"))  # else an unclosed string ends in a "bad" \n
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg})") from None
-                text = record.get(self.text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    found = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+                    raise UserError(f"{path} line {lineno} is not valid JSON: {json_error(e)}") from None
+                if not isinstance(record, dict):
                     raise UserError(
-                        f"{path} line {lineno} has no text field {self.text_field!r} (found: {found}); "
-                        f"choose one with --text_field"
+                        f"{path} line {lineno} is {_json_kind(record)}, not a JSON object with a "
+                        f"{self.text_field!r} field"
+                    )
+                if self.text_field not in record:
+                    raise UserError(
+                        f"{path} line {lineno} has no text field {self.text_field!r} "
+                        f"(found: {', '.join(sorted(record)) or 'no fields'}); choose one with --text_field"
+                    )
+                text = record[self.text_field]
+                if not isinstance(text, str):
+                    raise UserError(
+                        f"{path} line {lineno}: field {self.text_field!r} holds {_json_kind(text)}, not a "
+                        f"string; choose the text field with --text_field"
                     )
                 yield from self._splitter(None, strip=True).feed(text, final=True)
         self.digests[path] = digest.hexdigest()

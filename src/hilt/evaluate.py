@@ -171,13 +171,21 @@ def run_eval(
     amp: bool = True,
     device: str = "auto",
 ) -> EvalResult:
+    # the flags are checked before the checkpoint loads; None means "the training run's value", never 0
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("stride", stride)):
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    if max_tokens is not None and max_tokens < 0:
+        raise UserError(f"--max_tokens must be >= 0 (0 = all of them), got {max_tokens}")
+    if modulation_scale is not None and not math.isfinite(modulation_scale):
+        raise UserError(f"--modulation_scale must be a finite number, got {modulation_scale}")
     torch_device = resolve_device(device)
     model, tokenizer, ckpt = load_model_and_tokenizer(model_path, torch_device)
     train_config = ckpt.get("train_config") or {}
-    seq_len = seq_len or train_config.get("seq_len") or model.config.max_seq_len
-    batch_size = batch_size or train_config.get("batch_size") or 32
-    if seq_len < 1 or batch_size < 1:
-        raise UserError("--seq_len and --batch_size must be at least 1")
+    if seq_len is None:
+        seq_len = train_config.get("seq_len") or model.config.max_seq_len
+    if batch_size is None:
+        batch_size = train_config.get("batch_size") or 32
     tokens, source = select_tokens(ckpt, tokenizer, text_file, split, max_tokens)
     result = evaluate_tokens(
         model,

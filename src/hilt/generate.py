@@ -47,7 +47,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits  # the cumulative sum may round to 1 early; p = 1 must keep every token
     probs = logits.softmax(dim=-1)
     # Rank the 64 most likely tokens, and all of them only when some row's nucleus is longer: sorting all of
-    # GPT-2's 50,260 takes ~5 ms a row on one CPU thread, several decoding steps' worth (benchmarks/sampling_bench.py)
+    # GPT-2's 50,260 takes ~5 ms a row on one CPU thread, several decoding steps' worth
+    # (`git show ab15cea:benchmarks/sampling_bench.py`)
     for m in sorted({min(64, probs.size(-1)), probs.size(-1)}):
         top, order = probs.topk(m, dim=-1)  # (B, m), most likely first
         keep = top.cumsum(dim=-1) - top < p  # needed while the tokens ranked above have not yet reached p

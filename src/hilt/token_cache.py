@@ -36,7 +36,7 @@ import numpy as np
 from hilt.corpus import Corpus, default_cache_dir, file_sha256, resolve_sources, source_kind
 from hilt.encode import default_threads, encode_corpus, piece_encoder, token_dtype, uses_gpt2_pretokenizer
 from hilt.errors import UserError
-from hilt.files import atomic_write
+from hilt.files import atomic_write, write_error
 from hilt.tokenizer import Tokenizer
 
 CACHE_VERSION = 1
@@ -219,8 +219,11 @@ def _build(
         # map before the rename: a concurrent build's clean-up may remove this file, the mapping stays valid
         tokens = np.memmap(tmp, dtype=dtype, mode="r", shape=(result.n_tokens,))
         os.replace(tmp, folder / tokens_file)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # the input is read in this block too: of its OSErrors only a full disk is surely the write's
+        if (error := write_error(e, folder / tokens_file, disk_full_only=True)) is not None:
+            raise error from None
         raise
     buf = io.BytesIO()
     np.save(buf, result.doc_starts)

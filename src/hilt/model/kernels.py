@@ -156,7 +156,8 @@ def decode_attention_kernel(q: torch.Tensor, attn_mask: torch.Tensor | None) -> 
     if not one_query_masked or q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16):
         return None  # fp32: SDPA is as fast (16 rows x 400 keys: 0.93 vs 0.97 ms)
     # bf16, 8 heads of 32, one thread: 16 rows x 400 keys 3.16 -> 1.47 ms; 4 x 300 0.54 -> 0.19; 64 x 300
-    # 12.3 -> 8.8 (benchmarks/decode_attention_bench.py; a 16-row decoding step of the default model 54 -> 40 ms)
+    # 12.3 -> 8.8 (`git show ab15cea:benchmarks/decode_attention_bench.py`; a 16-row decoding step of the
+    # default model 54 -> 40 ms)
     return decode_attention
 
 
@@ -186,9 +187,10 @@ class MixedDtypeLinear(nn.Linear):
 
     ``pack()`` also keeps a bf16 weight in oneDNN's own blocked layout. torch's bf16 matmul through oneDNN
     re-lays the plain weight out at every call; the packed one skips that and gives the same bits (one thread:
-    the LM head at 16 rows 6.6 -> 3.4 ms, a 256 x 1024 layer 90 -> 75 us: benchmarks/packed_linear_bench.py; a
-    decoding step of the default model at 4 rows -20%, at 16 rows -5 to -18% in three of four contended runs
-    and +2% in the fourth). It follows ``torch.backends.mkldnn.enabled``, so the single-row steps that
+    the LM head at 16 rows 6.6 -> 3.4 ms, a 256 x 1024 layer 90 -> 75 us, from
+    `git show ab15cea:benchmarks/packed_linear_bench.py`; a decoding step of the default model at 4 rows -20%,
+    at 16 rows -5 to -18% in three of four contended runs and +2% in the fourth). It follows
+    ``torch.backends.mkldnn.enabled``, so the single-row steps that
     ``hilt.decoding.without_onednn`` runs on torch's own GEMV stay there: with the weights out of cache after a
     whole step, that GEMV beats the packed weight (a step 8.5 vs 12.4 ms). ``pack(single_row=True)`` keeps the
     packed weight there too: for an fp32 LM head, whose single-row product torch gives to MKL (a 256 x 50,260 head:

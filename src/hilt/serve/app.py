@@ -222,13 +222,14 @@ def create_app(settings: AppSettings, load: Callable[[], Loaded], on_load_error=
         return error_response(APIError(500, "internal server error (the server's log has the details)"))
 
     # --- open routes ---
+    # every GET answers HEAD too (uvicorn sends the headers only): monitors and link checkers ask with HEAD
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         state.ready()
         return {"status": "ok", "model": settings.served_model_name}
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page():
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
 
@@ -245,11 +246,11 @@ def create_app(settings: AppSettings, load: Callable[[], Loaded], on_load_error=
             hilt=loaded.info,
         )
 
-    @api.get("/v1/models")
+    @api.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         return ModelList(data=[model_card()])
 
-    @api.get("/v1/models/{name:path}")
+    @api.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"])
     async def model(name: str):
         state.check_model(name)
         return model_card()
@@ -287,7 +288,7 @@ def create_app(settings: AppSettings, load: Callable[[], Loaded], on_load_error=
             )
         return {"text": tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
-    @api.get("/metrics")
+    @api.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

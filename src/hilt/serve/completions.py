@@ -25,6 +25,7 @@ from jinja2 import TemplateError
 from hilt.engine import EngineClosed, EngineError, Output, QueueFull, SamplingParams
 from hilt.serve.chat import ChatTemplate
 from hilt.serve.errors import APIError, overloaded
+from hilt.serve.logprobs import TokenTexts, prompt_texts, score_prompt, token_texts
 from hilt.serve.schemas import (
     MAX_SEED,
     AssistantMessage,
@@ -234,10 +235,6 @@ def _stream(events: AsyncIterator[str]) -> StreamingResponse:
     return _EventStream(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
-
-
 def _usage(prompt_tokens: int, outputs: dict[int, list[Output]]) -> Usage:
     completion = sum(o.token_id is not None for outs in outputs.values() for o in outs)
     return Usage(
@@ -248,15 +245,24 @@ def _usage(prompt_tokens: int, outputs: dict[int, list[Output]]) -> Usage:
 # --- /v1/completions -----------------------------------------------------------------------------------------
 
 
-def _completion_logprobs(tokenizer, outs: list[Output], offset: int) -> CompletionLogprobs:
-    lp = CompletionLogprobs()
-    for o in outs:
-        if o.token_id is None:
-            continue
-        text = _token_text(tokenizer, o.token_id)
+def _completion_logprobs(entries: list[tuple[Output, str, int]], base: int, lp=None) -> CompletionLogprobs:
+    """``entries`` from ``TokenTexts``; ``base``: where the generated text begins in the choice's text."""
+    lp = lp if lp is not None else CompletionLogprobs()
+    for o, text, offset in entries:
         lp.tokens.append(text)
         lp.token_logprobs.append(o.logprob)
         lp.top_logprobs.append(o.top_logprobs)
+        lp.text_offset.append(base + offset)
+    return lp
+
+
+def _prompt_logprobs(tokenizer, prompt: str, ids: list[int], scores: list) -> CompletionLogprobs:
+    """An echoed prompt's tokens, as OpenAI lists them: the first with no logprob (nothing precedes it)."""
+    lp, offset = CompletionLogprobs(), 0
+    for text, (logprob, top) in zip(prompt_texts(tokenizer, prompt, ids), scores, strict=True):
+        lp.tokens.append(text)
+        lp.token_logprobs.append(logprob)
+        lp.top_logprobs.append(top)
         lp.text_offset.append(offset)
         offset += len(text)
     return lp
@@ -277,12 +283,23 @@ async def complete(state, body: CompletionRequest, http_request: Request):
         for ids in prompt_ids
         for c in range(n)
     ]
+    # echo with logprobs lists the prompt's tokens too, scored before any choice is queued
+    prompt_scores = []
+    if body.echo and body.logprobs is not None:
+        engine = state.ready().engine
+        prompt_scores = [await score_prompt(engine, tokenizer, ids, body.logprobs) for ids in prompt_ids]
     requests = _submit(state, items)
     name, rid = state.settings.served_model_name, f"cmpl-{uuid.uuid4().hex}"
     n_prompt = sum(len(ids) for ids in prompt_ids)
 
     def prompt_of(index: int) -> str:
         return prompts[index // n]
+
+    def echo_logprobs(index: int) -> CompletionLogprobs | None:
+        if not prompt_scores:
+            return None
+        p = index // n
+        return _prompt_logprobs(tokenizer, prompts[p], prompt_ids[p], prompt_scores[p])
 
     if not body.stream:
         outputs = await _collect(state, requests, http_request)
@@ -292,7 +309,8 @@ async def complete(state, body: CompletionRequest, http_request: Request):
             head = prompt_of(index) if body.echo else ""
             logprobs = None
             if body.logprobs is not None:
-                logprobs = _completion_logprobs(tokenizer, outs, len(head))
+                entries = token_texts(tokenizer, outs)
+                logprobs = _completion_logprobs(entries, len(head), echo_logprobs(index))
             text = head + "".join(o.text for o in outs)
             choices.append(
                 CompletionChoice(
@@ -308,16 +326,21 @@ async def complete(state, body: CompletionRequest, http_request: Request):
             choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
             return _sse(Completion(id=rid, model=name, choices=[choice]))
 
+        # the echoed prompt comes first, with its tokens' logprobs when asked for; text_offset counts from the
+        # start of the choice's text (the echo included) in every chunk
         if body.echo:
             for index in range(len(requests)):
-                yield chunk(index, prompt_of(index))
+                yield chunk(index, prompt_of(index), echo_logprobs(index))
+        base = {index: len(prompt_of(index)) if body.echo else 0 for index in range(len(requests))}
+        texts = {index: TokenTexts(tokenizer) for index in range(len(requests))}
         outputs: dict[int, list[Output]] = defaultdict(list)
         async with aclosing(_outputs(state, requests)) as merged:
             async for index, out in merged:
                 outputs[index].append(out)
+                entries = texts[index].push(out)
                 logprobs = None
-                if body.logprobs is not None and out.token_id is not None:
-                    logprobs = _completion_logprobs(tokenizer, [out], 0)
+                if body.logprobs is not None and entries:
+                    logprobs = _completion_logprobs(entries, base[index])
                 if out.text or logprobs or out.finish_reason:
                     yield chunk(index, out.text, logprobs, out.finish_reason)
         if include_usage:
@@ -329,12 +352,10 @@ async def complete(state, body: CompletionRequest, http_request: Request):
 # --- /v1/chat/completions ------------------------------------------------------------------------------------
 
 
-def _chat_logprobs(tokenizer, outs: list[Output]) -> ChatLogprobs:
+def _chat_logprobs(entries: list[tuple[Output, str, int]]) -> ChatLogprobs:
+    """``entries`` from ``TokenTexts``: the tokens join to exactly the reply's content."""
     content = []
-    for o in outs:
-        if o.token_id is None:
-            continue
-        text = _token_text(tokenizer, o.token_id)
+    for o, text, _ in entries:
         top = [
             TopLogprob(token=t, logprob=v, bytes=list(t.encode("utf-8")))
             for t, v in (o.top_logprobs or {}).items()
@@ -367,7 +388,9 @@ async def chat(state, body: ChatCompletionRequest, http_request: Request):
             ChatChoice(
                 index=i,
                 message=AssistantMessage(content="".join(o.text for o in outputs[i]).lstrip()),
-                logprobs=_chat_logprobs(tokenizer, outputs[i]) if body.logprobs else None,
+                logprobs=_chat_logprobs(token_texts(tokenizer, outputs[i], strip_leading=True))
+                if body.logprobs
+                else None,
                 finish_reason=outputs[i][-1].finish_reason,
             )
             for i in range(len(requests))
@@ -384,6 +407,7 @@ async def chat(state, body: ChatCompletionRequest, http_request: Request):
         for index in range(len(requests)):
             yield chunk(index, Delta(role="assistant", content=""))
         started: set[int] = set()  # choices whose reply has begun (its leading space is dropped before that)
+        texts = {index: TokenTexts(tokenizer, strip_leading=True) for index in range(len(requests))}
         outputs: dict[int, list[Output]] = defaultdict(list)
         async with aclosing(_outputs(state, requests)) as merged:
             async for index, out in merged:
@@ -391,8 +415,8 @@ async def chat(state, body: ChatCompletionRequest, http_request: Request):
                 text = out.text if index in started else out.text.lstrip()
                 if text:
                     started.add(index)
-                want_logprobs = body.logprobs and out.token_id is not None
-                logprobs = _chat_logprobs(tokenizer, [out]) if want_logprobs else None
+                entries = texts[index].push(out)
+                logprobs = _chat_logprobs(entries) if body.logprobs and entries else None
                 if text or logprobs:
                     yield chunk(index, Delta(content=text), logprobs)
                 if out.finish_reason:

@@ -1,7 +1,9 @@
 """Request and response bodies in OpenAI's shapes (completions, chat completions, models, errors), plus HILT's
 /tokenize and /detokenize. Requests are validated strictly: "5" is not a number and an unknown role is an error,
 so a client learns about its mistake instead of getting a silently different answer. Fields OpenAI defines that
-HILT does not implement (penalties, logit_bias, suffix, tools) are refused when set, never ignored.
+HILT does not implement (penalties, logit_bias, suffix, tools, a JSON response_format) are refused when set,
+never ignored. Fields whose rules a union type would hide (``stop``, ``prompt``) are checked by hand, so that the
+message names the rule ("at most 4", "non-empty") instead of "Input should be a valid string".
 """
 
 from __future__ import annotations
@@ -9,14 +11,13 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 4  # OpenAI's limit on stop strings per request
 MAX_LOGPROBS = 5
 MAX_SEED = 2**63 - 1
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-StopStrings = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)] | None
 
 
 class _Request(BaseModel):
@@ -26,6 +27,10 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class ResponseFormat(_Request):
+    type: str  # "text" is what this server does; json_object and json_schema are refused
 
 
 class _Sampling(_Request):
@@ -40,13 +45,39 @@ class _Sampling(_Request):
     )
     n: Annotated[int, Field(ge=1)] = 1
     seed: Seed | None = None  # choice i of n draws with seed + i, so each choice repeats on its own
-    stop: StopStrings = None
+    stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension (vLLM): run to max_tokens even past <EOS>, e.g. for benchmarks
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, value):
+        if value is None:
+            return value
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError(f"must be a string or a list of at most {MAX_STOP} strings")
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings are allowed; this request has {len(stops)}")
+        if not all(stops):
+            # "" would stop before the first token: never what a client meant
+            raise ValueError("each stop string must be non-empty")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _refuse_structured_output(cls, value):
+        if value is not None and value.type != "text":
+            raise ValueError(
+                f"type {value.type!r} is not supported by this server: it cannot constrain the text to JSON; "
+                'leave response_format unset or use {"type": "text"}'
+            )
+        return value
 
     @model_validator(mode="after")
     def _refuse_unimplemented(self):
@@ -65,11 +96,23 @@ class _Sampling(_Request):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
+    prompt: str | list[str]
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _check_prompt(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("must not be an empty list: send a string or a list of 1 or more strings")
+            if any(isinstance(p, int | list) for p in value):
+                raise ValueError("token-id prompts are not supported by this server: send the text")
+        elif not isinstance(value, str):
+            raise ValueError("must be a string or a list of strings")
+        return value
 
     @model_validator(mode="after")
     def _refuse_unimplemented_completion(self):
@@ -144,8 +187,11 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """One entry per token of the choice's text (echoed prompt tokens first, the first of them with no logprob:
+    nothing precedes it); the tokens join to exactly the text, and text_offset is where each begins in it."""
+
     tokens: list[str] = []
-    token_logprobs: list[float] = []
+    token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 

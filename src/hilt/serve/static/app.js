@@ -5,7 +5,8 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { mode: "completion", model: null, controller: null, chat: [] };
-const SETTINGS = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop_strings"];
+const SETTINGS = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stops", "system"];
+const MAX_STOP = 4;  // the server's limit (OpenAI's)
 
 // --- settings: sliders show their value, everything but the key is remembered ---
 
@@ -41,6 +42,17 @@ function headers() {
   return h;
 }
 
+// One stop string per line, so that any text (a comma, spaces) can be one; \n, \t and \\ stand for a newline,
+// a tab and a backslash. Throws with a message past the server's limit rather than dropping any.
+function stopStrings() {
+  const unescape = (line) => line.replace(/\\([nt\\])/g, (_, c) => ({ n: "\n", t: "\t", "\\": "\\" })[c]);
+  const stops = $("stops").value.split("\n").filter((line) => line !== "").map(unescape);
+  if (stops.length > MAX_STOP) {
+    throw new Error(`stop: at most ${MAX_STOP} stop strings, one per line; there are ${stops.length}`);
+  }
+  return stops;
+}
+
 function samplingBody() {
   const body = {
     model: state.model ? state.model.id : undefined,
@@ -52,8 +64,8 @@ function samplingBody() {
   };
   if ($("top_k").value !== "") body.top_k = parseInt($("top_k").value, 10);
   if ($("seed").value !== "") body.seed = parseInt($("seed").value, 10);
-  const stops = $("stop_strings").value.split(",").map((s) => s.replace(/\\n/g, "\n")).filter((s) => s);
-  if (stops.length) body.stop = stops.slice(0, 4);
+  const stops = stopStrings();
+  if (stops.length) body.stop = stops;
   return body;
 }
 
@@ -229,6 +241,7 @@ function placeholder(element, text) {
 
 async function sendCompletion() {
   const prompt = $("prompt").value;
+  const body = { ...samplingBody(), prompt, logprobs: 0 };
   const output = $("output");
   const echo = document.createElement("span");
   echo.className = "prompt-echo";
@@ -236,8 +249,14 @@ async function sendCompletion() {
   const generated = document.createElement("span");
   generated.className = "generated";
   output.replaceChildren(echo, generated);
-  const body = { ...samplingBody(), prompt, logprobs: 0 };
-  await run("/v1/completions", body, generated);
+  const outcome = await run("/v1/completions", body, generated);
+  if (outcome === "refused" || outcome === "error") {
+    // nothing was generated: the pane shows why, not the prompt as if it were output (the prompt stays in its box)
+    const refused = document.createElement("span");
+    refused.className = "refused";
+    refused.textContent = $("error").textContent;
+    output.replaceChildren(refused);
+  }
 }
 
 function addMessage(role, text) {
@@ -260,12 +279,15 @@ function addMessage(role, text) {
 async function sendChat() {
   const text = $("prompt").value.trim();
   if (!text) return;
-  const messages = [...state.chat, { role: "user", content: text }];
+  const system = $("system").value.trim();
+  // the system prompt is read at each send, so an edit applies to the whole conversation from then on
+  const turn = { role: "user", content: text };
+  const messages = [...(system ? [{ role: "system", content: system }] : []), ...state.chat, turn];
+  const body = { ...samplingBody(), messages, logprobs: true, top_logprobs: 0 };
   const asked = addMessage("user", text);
   $("prompt").value = "";
   const reply = addMessage("assistant", "");
   reply.parentElement.classList.add("streaming");
-  const body = { ...samplingBody(), messages, logprobs: true, top_logprobs: 0 };
   const outcome = await run("/v1/chat/completions", body, reply);
   reply.parentElement.classList.remove("streaming");
   if (outcome === "refused" || outcome === "error") {
@@ -275,11 +297,18 @@ async function sendChat() {
     $("prompt").value = text;
     return;
   }
-  state.chat = [...messages, { role: "assistant", content: reply.textContent }];  // a stopped reply counts
+  state.chat = [...state.chat, turn, { role: "assistant", content: reply.textContent }];  // a stopped reply counts
 }
 
 function send() {
   if (state.controller) return;
+  try {
+    stopStrings();
+  } catch (e) {  // a setting the server would refuse: say so before sending anything
+    showError(e.message);
+    $("status").textContent = "not sent";
+    return;
+  }
   if (state.mode === "chat") sendChat(); else sendCompletion();
 }
 
@@ -296,6 +325,7 @@ function setMode(mode) {
   }
   $("output").hidden = mode === "chat";
   $("chat-log").hidden = mode !== "chat";
+  $("system-box").hidden = mode !== "chat";
   $("prompt").placeholder = mode === "chat" ? "Say something, then Ctrl+Enter" : "Write a prompt, then Ctrl+Enter";
   if (mode === "chat" && !state.chat.length) placeholder($("chat-log"), "Chat with the model. It is a base model: the conversation is written as a transcript (see docs/serving.md).");
   $("prompt").focus();
