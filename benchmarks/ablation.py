@@ -22,18 +22,16 @@ curriculum 0.01 -> 0.1):
   plain      the same model with n_layers_ilt = 0;
   plain+     a plain transformer given the ILTs' parameters and FLOPs back as depth and width (the (n_layers,
              d_model) whose parameters and FLOPs per token are both closest to hilt's);
-  zero_init  ILT variant: zero-initialised output projection (ReZero, DenseFormer, Hyper-Connections);
-  gate       ILT variant: a learned scale per ILT instead of the fixed curriculum;
-  embed      ILT variant: the token embedding is added to each ILT's window (DenseFormer's access to the input);
   ilt_off    control: hilt with modulation_scale 0, so the ILTs cost what they cost but add nothing. hilt minus
              ilt_off (paired by seed) is the ILTs' own effect, apart from their cost and from seed noise;
   x0         plain + x0 mixing (ilt_kind x0): the stronger baseline; an ILT kind that beats plain only through
              its path to the embedding has not shown that attending over layers adds anything;
   depth      ilt_kind depth: per-token attention over the embedding and every layer's contribution + static
              per-source weights (rank ilt_rank, 32);
-  depth_multiway  ilt_kind depth_multiway: depth with a second stream into the next layer's attention input;
   dense      ilt_kind dense: depth's static per-source weights alone (DenseFormer), no attention, x0's cost.
 Deltas are paired by seed (same data order, same main-layer initialisation) against plain and against x0.
+The arms of the variants the ablation rejected (zero_init, gate, embed, depth_multiway) left with their code; their
+runs stay in the committed results, and HILT at commit ab15cea reruns them (docs/evaluation.md).
 
 Equal cost: each arm gets ``--budget`` training FLOPs, counted analytically by ``hilt.flops`` (PaLM's convention:
 2 FLOPs per multiply-add of every matmul, attention over the full window, backward = 2x forward; the count is
@@ -76,7 +74,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from hilt.data import TokenBatches, train_val_tokens
-from hilt.flops import forward_flops_per_token, training_flops_per_token
+from hilt.model.flops import forward_flops_per_token, training_flops_per_token
 from hilt.ilt_stats import ilt_stats
 from hilt.model import HierarchicalTransformer, ModelConfig
 from hilt.plot import pyplot
@@ -97,9 +95,6 @@ VARIANTS = [
     Arm("hilt", "HILT, design defaults", {}),
     Arm("plain", "n_layers_ilt = 0", {"n_layers_ilt": 0}),
     Arm("plain+", "plain, ILT params/FLOPs back as depth/width", {}),  # overrides filled in by matched_plain
-    Arm("zero_init", "ILT out-projection zero-initialised", {"ilt_zero_init": True}),
-    Arm("gate", "learned per-ILT gate, no curriculum", {"ilt_gate": True}),
-    Arm("embed", "embedding added to the ILT window", {"ilt_embed": True}),
     # the control: same cost, same random numbers as hilt, but the ILTs' output is multiplied by 0
     Arm(
         "ilt_off",
@@ -108,7 +103,6 @@ VARIANTS = [
     ),
     Arm("x0", "plain + x0 mixing (ilt_kind x0)", {"ilt_kind": "x0"}),
     Arm("depth", "attention over the layer history", {"ilt_kind": "depth"}),
-    Arm("depth_multiway", "depth + a stream into the next attention", {"ilt_kind": "depth_multiway"}),
     Arm("dense", "static weights over the layer history (ilt_kind dense)", {"ilt_kind": "dense"}),
 ]
 

@@ -14,7 +14,7 @@ Training contestants take turns step by step (so drifts in machine speed hit all
 median over --steps timed steps after --warmup untimed ones. Training is measured twice, each time with one allocator
 setting for all: glibc's defaults (how a plain script, HF's included, runs) and freed memory kept (how train.py runs
 its steps, hilt.memory); HF gains far more from the second (its full fp32 logits are 412 MB a step). FLOPs come
-from hilt.flops (PaLM's convention), and MFU divides achieved FLOP/s by the measured peak of a large matmul in the
+from hilt.model.flops (PaLM's convention), and MFU divides achieved FLOP/s by the measured peak of a large matmul in the
 same dtype on the same threads (the faster of torch's and oneDNN's).
 """
 
@@ -36,9 +36,9 @@ from common import VOCAB, Contestant, cpu_kind, take_turns
 
 from hilt.decoding import onednn_disabled
 from hilt.device import cpu_has_native_bf16
-from hilt.flops import training_flops_per_token
+from hilt.model.flops import training_flops_per_token
 from hilt.generate import generate
-from hilt.kernels import onednn_linear
+from hilt.model.kernels import onednn_linear
 from hilt.loss import LanguageModelLoss
 from hilt.memory import freed_memory_kept
 from hilt.model import HierarchicalTransformer, ModelConfig
@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of a large square matmul, the faster of torch's and oneDNN's: the practical ceiling for MFU. (In fp32
-    torch's is MKL's, which runs AVX2 code on AMD CPUs; HILT's fp32 layers use oneDNN's, hilt.kernels.OneDNNLinear.)"""
+    torch's is MKL's, which runs AVX2 code on AMD CPUs; HILT's fp32 layers use oneDNN's, hilt.model.kernels.OneDNNLinear.)"""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     products = [lambda: a @ b]
     if torch.backends.mkldnn.is_available():

@@ -1,5 +1,5 @@
 """benchmarks/ablation.py, run as a user runs it (a subprocess, a tiny model on a slice of data.txt): every arm trains
-for the steps its FLOP budget buys, counted by hilt.flops; deltas are paired by seed; the table reads equal time by
+for the steps its FLOP budget buys, counted by hilt.model.flops; deltas are paired by seed; the table reads equal time by
 the measured step cost; a budget the validations cannot hold is refused before any training; --resume finds the
 finished runs of the same text wherever it lies; the medium scale reads the corpus shipped in the repository."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hilt.flops import training_flops_per_token
+from hilt.model.flops import training_flops_per_token
 from hilt.model import ModelConfig
 from tests.conftest import DATA_TXT, REPO
 
