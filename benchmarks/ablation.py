@@ -74,9 +74,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from hilt.data import TokenBatches, train_val_tokens
-from hilt.model.flops import forward_flops_per_token, training_flops_per_token
 from hilt.ilt_stats import ilt_stats
 from hilt.model import HierarchicalTransformer, ModelConfig
+from hilt.model.flops import forward_flops_per_token, training_flops_per_token
 from hilt.plot import pyplot
 from hilt.tokenizer import Tokenizer
 from hilt.train import TrainConfig, Trainer

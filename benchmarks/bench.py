@@ -36,19 +36,19 @@ from common import VOCAB, Contestant, cpu_kind, take_turns
 
 from hilt.decoding import onednn_disabled
 from hilt.device import cpu_has_native_bf16
-from hilt.model.flops import training_flops_per_token
 from hilt.generate import generate
-from hilt.model.kernels import onednn_linear
 from hilt.loss import LanguageModelLoss
 from hilt.memory import freed_memory_kept
 from hilt.model import HierarchicalTransformer, ModelConfig
+from hilt.model.flops import training_flops_per_token
+from hilt.model.linear import onednn_linear
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of a large square matmul, the faster of torch's and oneDNN's: the practical ceiling for MFU. (In fp32
-    torch's is MKL's, which runs AVX2 code on AMD CPUs; HILT's fp32 layers use oneDNN's, hilt.model.kernels.OneDNNLinear.)"""
+    torch's is MKL's, which runs AVX2 code on AMD CPUs; HILT's fp32 layers use oneDNN's, hilt.model.linear.OneDNNLinear.)"""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     products = [lambda: a @ b]
     if torch.backends.mkldnn.is_available():

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hilt.model.flops import training_flops_per_token
 from hilt.model import ModelConfig
+from hilt.model.flops import training_flops_per_token
 from tests.conftest import DATA_TXT, REPO
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, ilt_dim=16)

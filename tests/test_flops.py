@@ -6,9 +6,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from hilt.model.ilts import KINDS as ILT_KINDS
-from hilt.model.flops import forward_flops_per_token, ilt_forward_flops_per_token, training_flops_per_token
 from hilt.model import HierarchicalTransformer, ModelConfig
+from hilt.model.flops import forward_flops_per_token, ilt_forward_flops_per_token, training_flops_per_token
+from hilt.model.ilts import KINDS as ILT_KINDS
 
 TINY = dict(vocab_size=97, d_model=32, n_layers=3, n_heads=4, ilt_dim=16, max_seq_len=16)
 T = 16

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hilt.model import HierarchicalTransformer, MultiHeadAttention, kernels
+from hilt.model import HierarchicalTransformer, MultiHeadAttention, kernels, linear
 from tests.conftest import tiny_config
 
 
@@ -123,11 +123,11 @@ def test_the_depth_mixing_kernel_trains_under_bf16_autocast_like_the_reference()
 def test_the_model_builds_the_kernels_on_cpu_and_the_reference_when_asked():
     model = HierarchicalTransformer(tiny_config())
     assert all(type(m) is kernels.CheapDropout for m in model.modules() if isinstance(m, torch.nn.Dropout))
-    assert all(type(m) is kernels.OneDNNLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert all(type(m) is linear.OneDNNLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
     reference = HierarchicalTransformer(tiny_config(), cpu_kernels=False)
     assert all(type(m) is torch.nn.Dropout for m in reference.modules() if isinstance(m, torch.nn.Dropout))
     assert not any(getattr(m, "cpu_kernels", False) for m in reference.modules())
-    assert not any(type(m) is kernels.OneDNNLinear for m in reference.modules())
+    assert not any(type(m) is linear.OneDNNLinear for m in reference.modules())
     ilt_qkv = torch.randn(8, 2, 48)
     assert kernels.attention_kernel(ilt_qkv, short=True, plain_causal=True) is kernels.pair_attention
     assert kernels.attention_kernel(ilt_qkv, short=True, plain_causal=False) is None  # a cache or a mask
@@ -211,7 +211,7 @@ def test_mixed_dtype_linear_computes_what_autocast_computes():
     x = torch.randn(7, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = reference(x)
-    lowered = kernels.MixedDtypeLinear(32, 48)
+    lowered = linear.MixedDtypeLinear(32, 48)
     lowered.weight.data, lowered.bias.data = reference.weight.data.bfloat16(), reference.bias.data.bfloat16()
     assert torch.equal(lowered(x), expected)
 
@@ -308,7 +308,7 @@ def test_a_packed_bf16_linear_gives_onednns_bits_and_follows_the_onednn_switch()
             self.names.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    layer = kernels.MixedDtypeLinear(256, 48).to(torch.bfloat16)
+    layer = linear.MixedDtypeLinear(256, 48).to(torch.bfloat16)
     inputs = [torch.randn(*shape) for shape in ((1, 256), (3, 256), (2, 5, 256))]  # fp32, cast by the layer
 
     def outputs(onednn: bool) -> tuple[list[torch.Tensor], bool]:
@@ -353,13 +353,13 @@ def test_greedy_tokens_equals_argmax_including_ties_and_the_last_chunk(vocab, ro
 
 def test_a_packed_fp32_weight_computes_what_f_linear_does():
     weight, bias = torch.randn(300, 64), torch.randn(300)
-    packed = kernels.onednn_packed(weight, rows=83)
+    packed = linear.onednn_packed(weight, rows=83)
     if packed is None:
         pytest.skip("torch without oneDNN")
     for rows in (1, 5, 83, 200):  # laid out for 83 rows; any count runs on it
         x = torch.randn(rows, 64)
-        torch.testing.assert_close(kernels.onednn_linear(x, packed, bias), F.linear(x, weight, bias))
-    assert kernels.onednn_packed(weight.double()) is None  # float64 keeps torch's matmul
+        torch.testing.assert_close(linear.onednn_linear(x, packed, bias), F.linear(x, weight, bias))
+    assert linear.onednn_packed(weight.double()) is None  # float64 keeps torch's matmul
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -369,7 +369,7 @@ def test_the_onednn_linear_equals_f_linear_forward_and_backward_in_fp32(bias, sh
     if not torch.backends.mkldnn.is_available():
         pytest.skip("torch without oneDNN")
     torch.manual_seed(0)
-    layer = kernels.OneDNNLinear(24, out_features, bias=bias)
+    layer = linear.OneDNNLinear(24, out_features, bias=bias)
     x = torch.randn(*shape, requires_grad=True)
     out = layer(x)
     assert type(out.grad_fn).__name__ == "_OneDNNLinearBackward"
@@ -387,22 +387,22 @@ def test_the_onednn_linear_equals_f_linear_forward_and_backward_in_fp32(bias, sh
 
 
 def test_the_onednn_linear_leaves_bf16_autocast_fp64_and_a_switched_off_onednn_to_f_linear(monkeypatch):
-    layer = kernels.OneDNNLinear(16, 8)
+    layer = linear.OneDNNLinear(16, 8)
     x = torch.randn(4, 16)
     monkeypatch.setattr(kernels, "_x86_with_avx", lambda: False)  # an ARM CPU: torch's own fp32 matmul stays
     assert type(layer(x).grad_fn).__name__ != "_OneDNNLinearBackward"
-    assert kernels.onednn_packed(layer.weight) is None
+    assert linear.onednn_packed(layer.weight) is None
     monkeypatch.undo()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16  # autocast's own bf16 matmul
     assert torch.equal(layer.double()(x.double()), F.linear(x.double(), layer.weight, layer.bias))
     with torch.backends.mkldnn.flags(enabled=False):
-        assert not kernels.onednn_fp32(x, layer.weight.float())
+        assert not linear.onednn_fp32(x, layer.weight.float())
 
 
 def test_the_onednn_linear_traces_into_a_compiled_graph_without_a_break():
     # train.py --compile: a break at every linear layer would recompile per shape and soon fall back to eager
-    layer = kernels.OneDNNLinear(16, 8)
+    layer = linear.OneDNNLinear(16, 8)
     compiled = torch.compile(layer, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
     x = torch.randn(4, 16)
     torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))

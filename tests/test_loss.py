@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from hilt import loss as loss_module
 from hilt.loss import LanguageModelLoss, chunked_cross_entropy
-from hilt.model import HierarchicalTransformer, kernels
+from hilt.model import HierarchicalTransformer, linear
 from tests.conftest import tiny_config
 
 
@@ -20,7 +20,7 @@ def test_chunked_loss_and_gradients_equal_the_plain_cross_entropy_in_fp32(
     weight = torch.randn(97, 16, requires_grad=True)
     targets = torch.randint(0, 97, (23,))
     with torch.backends.mkldnn.flags(enabled=onednn):
-        assert kernels.onednn_fp32(hidden, weight) == (onednn and torch.backends.mkldnn.is_available())
+        assert linear.onednn_fp32(hidden, weight) == (onednn and torch.backends.mkldnn.is_available())
         ours = chunked_cross_entropy(hidden, weight, targets)
     (ours * 0.5).backward()
     g_h, g_w = hidden.grad.clone(), weight.grad.clone()

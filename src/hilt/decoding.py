@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hilt.model import kernels
+from hilt.model import kernels, linear
 from hilt.model.ilt_design import DesignILT
-from hilt.model.kernels import MixedDtypeLinear
 from hilt.model.layers import MultiHeadAttention, TransformerLayer
+from hilt.model.linear import MixedDtypeLinear
 from hilt.model.transformer import HierarchicalTransformer
 
 
@@ -164,12 +164,12 @@ def decoding_weights(
     fp32 hidden states), built once per model and dtype and rebuilt when the model's weights change (see above).
 
     ``compute_dtype`` None keeps the model's precision. An fp32 model on CPU still gets a decoding copy, one that
-    shares the model's matrices and adds oneDNN-packed twins of them (``kernels.onednn_packed``: torch's fp32
-    matmul is MKL's, slow on AMD CPUs; ``kernels.onednn_serves`` says where); the LM head's twin serves single-row
+    shares the model's matrices and adds oneDNN-packed twins of them (``linear.onednn_packed``: torch's fp32
+    matmul is MKL's, slow on AMD CPUs; ``linear.onednn_serves`` says where); the LM head's twin serves single-row
     steps too. Elsewhere: the model itself and its head."""
     if compute_dtype is None:
         weight = model.head.weight
-        if not (weight.dtype == torch.float32 and kernels.onednn_serves(weight.dtype, weight.device)):
+        if not (weight.dtype == torch.float32 and linear.onednn_serves(weight.dtype, weight.device)):
             return model, model.head
         compute_dtype = torch.float32
     fingerprint = _fingerprint(model)

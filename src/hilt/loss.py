@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hilt import memory
-from hilt.model import HierarchicalTransformer, kernels
+from hilt.model import HierarchicalTransformer, linear
 
 # Logits per chunk at most (128 MB in fp32; 512 tokens of GPT-2's vocabulary). Larger chunks run a little faster
 # (each chunk pays a (V x C) weight-gradient conversion and add), smaller ones use less memory: this size keeps
@@ -48,10 +48,10 @@ class HeadLoss:
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, chunk_elements: int = EVAL_CHUNK_ELEMENTS):
         self.weight = weight.detach().to(dtype)  # (V, C)
         self.chunk = max(1, chunk_elements // weight.size(0))
-        # on CPU the head goes through oneDNN with the weight packed once (hilt.kernels.onednn_packed: fp32 2.7-4x
+        # on CPU the head goes through oneDNN with the weight packed once (hilt.model.linear.onednn_packed: fp32 2.7-4x
         # faster than torch's matmul on AMD CPUs, bf16 1.1-1.3x); its logits come in a new tensor each chunk
         # (heap memory at this size, reused), so only torch's matmul elsewhere writes into a kept buffer
-        self.packed = kernels.onednn_packed(self.weight, rows=self.chunk)
+        self.packed = linear.onednn_packed(self.weight, rows=self.chunk)
         if self.packed is not None:
             # those new blocks would otherwise come and go as fresh mappings in a process that has not freed a
             # larger one yet (a fresh `hilt eval`: fp32, 64-wide, 61% of wall time in page faults, 6.4M of them);
@@ -81,7 +81,7 @@ class HeadLoss:
             h_c, t_c = h[start : start + self.chunk], targets[start : start + self.chunk]
             n = h_c.size(0)
             if self.packed is not None:
-                logits = kernels.onednn_linear(h_c, self.packed)  # (n, V) in the compute dtype
+                logits = linear.onednn_linear(h_c, self.packed)  # (n, V) in the compute dtype
             else:
                 logits = torch.mm(h_c, self.weight.T, out=self.logits[:n])
             x = logits if self.fp32 is None else self.fp32[:n].copy_(logits)  # (n, V) fp32
@@ -99,10 +99,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         h, w = hidden.to(dtype), weight.to(dtype)
         grad_h, grad_w = torch.empty_like(h), torch.zeros_like(w)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # fp32 on CPU: the three products through oneDNN (hilt.kernels.OneDNNLinear's reason; a 512-token chunk
+        # fp32 on CPU: the three products through oneDNN (hilt.model.linear.OneDNNLinear's reason; a 512-token chunk
         # of the default head, 2 threads: 226 -> 146 ms). Their results come in new tensors, which training's
         # hilt.memory.freed_memory_kept serves from the heap.
-        onednn = kernels.onednn_fp32(h, w)
+        onednn = linear.onednn_fp32(h, w)
         # Elsewhere one buffer holds every chunk's logits, and the softmax overwrites them in place: a fresh 50 MB
         # tensor comes from the OS as pages that fault in on first touch, which cost more than the work itself
         # (measured per 512-token bf16 chunk on CPU: logits matmul 51 -> 37 ms, softmax 30 -> 9 ms).
@@ -110,7 +110,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.size(0), chunk):
             h_c, t_c = h[start : start + chunk], targets[start : start + chunk]
             if onednn:
-                logits = kernels.onednn_linear(h_c, w)  # (n, V)
+                logits = linear.onednn_linear(h_c, w)  # (n, V)
             else:
                 logits = torch.mm(h_c, w.T, out=buffer[: h_c.size(0)])  # (n, V) in the compute dtype
             # One softmax kernel (fp32 inside, even for bf16 logits) instead of upcast + log-sum-exp + exp:
@@ -123,8 +123,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 total += HeadLoss(w, dtype)(h_c, t_c).float()
             probs[torch.arange(len(t_c), device=probs.device), t_c] -= 1.0  # d loss / d logits
             if onednn:
-                grad_h[start : start + chunk] = kernels.onednn_linear(probs, w.t())
-                grad_w += kernels.weight_gradient(probs, h_c)
+                grad_h[start : start + chunk] = linear.onednn_linear(probs, w.t())
+                grad_w += linear.weight_gradient(probs, h_c)
                 del logits, probs  # before the next chunk's logits exist: one chunk in memory, not two
             else:
                 grad_h[start : start + chunk] = probs @ w

@@ -128,7 +128,9 @@ def write_folder(model, tokenizer, ckpt: dict, folder: Path) -> None:
         shutil.copyfile(PACKAGE / "model" / name, folder / name)
     for name in HF_FILES:
         source = (PACKAGE / "hf" / name).read_text(encoding="utf-8")
-        (folder / name).write_text(re.sub(r"^from \.\.(model\.)?", "from .", source, flags=re.M), encoding="utf-8")
+        (folder / name).write_text(
+            re.sub(r"^from \.\.(model\.)?", "from .", source, flags=re.M), encoding="utf-8"
+        )
 
     write_tokenizer(tokenizer, config.max_seq_len, folder)
     meta = {key: ckpt[key] for key in META_KEYS if ckpt.get(key) is not None}

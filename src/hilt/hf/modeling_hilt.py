@@ -31,6 +31,7 @@ from ..model.ilts import KINDS  # noqa: F401
 from ..model.kernels import Paths  # noqa: F401
 from ..model.kv_cache import KVCache  # noqa: F401
 from ..model.layers import PositionalEncoding
+from ..model.linear import OneDNNLinear  # noqa: F401
 from ..model.transformer import HierarchicalTransformer
 from .configuration_hilt import HiltConfig
 
