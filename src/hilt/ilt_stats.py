@@ -29,36 +29,13 @@ def attention_weights(attn: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor
     return causal_weights(q, k)  # (N, H, W, W): the very weights the ILT's short attention applies
 
 
-@torch.no_grad()
 def ilt_stats(
     model: HierarchicalTransformer, idx: torch.Tensor, modulation_scale: float | None = None
 ) -> dict:
-    """Per-ILT statistics over the tokens of ``idx`` (B, T), model in eval mode, at ``modulation_scale`` (None: the
-    config's final value), as each kind reports them (``ILT.stats``: its ``ratio``, the modulation's size next to
-    the layer output, and what else the kind knows: the design's attention between the layers of its window, the
-    depth kind's attention over the sources, static weights). Returns lists indexed by ILT, one per entry, and
-    ``after_layer``: the main layer (0-based) each ILT follows."""
+    """``HierarchicalTransformer.ilt_stats``, with a model without ILTs as the user's mistake it is here."""
     if not model.ilts:
         raise UserError("this model has no ILTs (n_layers_ilt = 0): there is nothing to inspect")
-    per_ilt: dict[int, dict] = {}
-    # each ILT reports on its own call, before the model appends its output to the history it was given
-    hooks = [
-        ilt.register_forward_hook(lambda m, args, out, i=i: per_ilt.__setitem__(i, m.stats(*args)))
-        for i, ilt in enumerate(model.ilts)
-    ]
-    was_training = model.training
-    model.eval()
-    try:
-        # eager even when the layers are compiled (--compile): a compiled graph does not call the hooks above
-        with torch.compiler.set_stance("force_eager"):
-            model(idx, modulation_scale)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    stats = {key: [per_ilt[i][key] for i in range(len(model.ilts))] for key in per_ilt[0]}
-    stats["after_layer"] = list(model.ilt_layers)
-    return stats
+    return model.ilt_stats(idx, modulation_scale)
 
 
 # --- hilt inspect --------------------------------------------------------------------------------------------

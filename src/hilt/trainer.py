@@ -34,7 +34,6 @@ from hilt.data import TokenBatches
 from hilt.device import autocast_dtype
 from hilt.distributed import any_rank, mean_over_ranks
 from hilt.errors import UserError
-from hilt.ilt_stats import ilt_stats
 from hilt.loss import HeadLoss, LanguageModelLoss
 from hilt.metrics import MetricsLog, perplexity
 from hilt.model import HierarchicalTransformer
@@ -191,12 +190,12 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def log_ilt_stats(self, progress: float) -> None:
-        """What the ILTs do right now (see hilt.ilt_stats), on the first few validation windows: one forward pass
+        """What the ILTs do right now (see HierarchicalTransformer.ilt_stats), on the first few validation windows: one forward pass
         in eval mode, no gradients, no random numbers drawn, so training is unaffected."""
         batch = next(self.val_data.eval_batches(), None)
         if not self.model.ilts or batch is None:
             return
-        stats = ilt_stats(self.model, batch[0][:4].to(self.device), self.model.modulation_scale_at(progress))
+        stats = self.model.ilt_stats(batch[0][:4].to(self.device), self.model.modulation_scale_at(progress))
         del stats["labels"]
         epoch = self.epoch + self.batch_in_epoch / max(1, len(self.train_data))
         self.metrics.write(kind="ilt", step=self.global_step, epoch=epoch, **stats)

@@ -93,9 +93,8 @@ class ModelConfig:
             )
         if not isinstance(self.ilt_rank, int) or isinstance(self.ilt_rank, bool) or self.ilt_rank < 1:
             raise ValueError(f"ModelConfig.ilt_rank must be a positive integer, got {self.ilt_rank!r}")
-        from .ilts import ilt_class  # torch: a config is validated where a model is about to be built
-
-        ilt_class(self.ilt_kind).validate(self)
+        # ilt_kind, and what that kind asks of the other fields, are checked by the kind's class when the model
+        # is built (hilt.model.ilts): the kinds live with torch, and this file does not import it
         for name in ("dropout", "ilt_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")

@@ -47,6 +47,7 @@ class HierarchicalTransformer(nn.Module):
         )
         # none at all for the plain-transformer baseline (n_layers_ilt = 0)
         kind = ilt_class(c.ilt_kind, paths)
+        kind.validate(c)
         self.ilt_layers = kind.follows(c) if c.n_layers_ilt else []  # the main layer each ILT follows
         self.ilts = nn.ModuleList(kind.build(c, layer, paths) for layer in self.ilt_layers)
         self._ilt_index = {layer: j for j, layer in enumerate(self.ilt_layers)}
@@ -137,6 +138,35 @@ class HierarchicalTransformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)
+
+    @torch.no_grad()
+    def ilt_stats(self, idx: torch.Tensor, modulation_scale: float | None = None) -> dict:
+        """What each ILT does on the tokens of ``idx`` (B, T), in eval mode, at ``modulation_scale`` (None: the
+        config's final value), as its kind reports it (``ILT.stats``: its ``ratio``, the modulation's size next to
+        the layer output, and what else the kind knows). Lists indexed by ILT, one per entry, and
+        ``after_layer``: the main layer (0-based) each ILT follows. Draws no random numbers; the model's mode is
+        restored. ``hilt inspect`` prints them, and training logs them every ``--ilt_stats_every`` steps."""
+        if not self.ilts:
+            raise ValueError("this model has no ILTs (n_layers_ilt = 0)")
+        per_ilt: dict[int, dict] = {}
+        # each ILT reports on its own call, before the model appends its output to the history it was given
+        hooks = [
+            ilt.register_forward_hook(lambda m, args, out, i=i: per_ilt.__setitem__(i, m.stats(*args)))
+            for i, ilt in enumerate(self.ilts)
+        ]
+        was_training = self.training
+        self.eval()
+        try:
+            # eager even when the layers are compiled (--compile): a compiled graph does not call the hooks
+            with torch.compiler.set_stance("force_eager"):
+                self(idx, modulation_scale)
+        finally:
+            for h in hooks:
+                h.remove()
+            self.train(was_training)
+        stats = {key: [per_ilt[i][key] for i in range(len(self.ilts))] for key in per_ilt[0]}
+        stats["after_layer"] = list(self.ilt_layers)
+        return stats
 
     def num_parameters(self, ilt_only: bool = False) -> int:
         params = self.ilts.parameters() if ilt_only else self.parameters()
