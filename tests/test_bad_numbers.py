@@ -13,7 +13,7 @@ import torch
 from hilt.cli import main
 from hilt.engine import SamplingParams
 from hilt.generate import sample_next_token
-from tests.conftest import save_untrained_checkpoint
+from tests.conftest import DATA_TXT, save_untrained_checkpoint
 
 TOO_BIG_SEED = 2**64  # torch.Generator.manual_seed takes -2**63 .. 2**64 - 1
 
@@ -108,3 +108,38 @@ def test_prompts_file_record_with_a_seed_torch_cannot_take(tmp_path, checkpoint)
     assert run.returncode == 2
     assert run.stderr.startswith(f"error: {prompts}:1: seed must be an integer from -2**63 to 2**64 - 1")
     assert not out.exists()
+
+
+# --- hilt train ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "rule"),
+    [
+        ("--lr", "inf", "--lr must be positive and finite, got inf"),
+        ("--weight_decay", "nan", "--weight_decay must be >= 0 and finite, got nan"),
+        ("--clip_grad", "nan", "--clip_grad must be >= 0 and finite, got nan"),
+        ("--seed", str(10**14), f"--seed must be from 0 to 2**32 - 1, got {10**14}"),
+        (
+            "--modulation_scale_start",
+            "nan",
+            "ModelConfig.modulation_scale_start must be a finite number, got nan",
+        ),
+        (
+            "--modulation_scale_end",
+            "inf",
+            "ModelConfig.modulation_scale_end must be a finite number, got inf",
+        ),
+    ],
+)
+def test_train_refuses_numbers_outside_their_rule_before_training(tmp_path, capsys, flag, value, rule):
+    text = tmp_path / "text.txt"
+    text.write_text(DATA_TXT.read_text()[:12_000])
+    out = tmp_path / "run"
+    args = ["train", "--text_file", str(text), "--out_dir", str(out), "--max_tokens", "1500", "--epochs", "1"]
+    args += ["--batch_size", "8", "--seq_len", "16", "--ilt_stats_every", "0", "--model_dim", "32"]
+    args += ["--n_layers", "2", "--n_heads", "2", "--ilt_dim", "16", "--d_ff", "64", flag, value]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {rule}\n" and "Epoch" not in captured.out
+    assert not (out / "best_model.pt").exists()
