@@ -11,6 +11,7 @@ same window of tokens (``context_start``), so cached and uncached decoding produ
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +60,11 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(~kept, float("-inf"))
 
 
+# below this temperature the draw is an argmax unless two logits lie within ~1e-4 of each other, and dividing by it
+# can overflow the logits to inf in float32 (1e-300 is 0 there), which makes NaN probabilities: greedy is the limit
+GREEDY_BELOW = 1e-5
+
+
 def sample_next_token(
     logits: torch.Tensor,
     *,
@@ -68,8 +74,8 @@ def sample_next_token(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). Temperature 0 is greedy (argmax); otherwise temperature, then top-k, then
-    top-p, then one draw from ``generator``."""
-    if temperature == 0:
+    top-p, then one draw from ``generator``. A temperature below ``GREEDY_BELOW`` is greedy too."""
+    if temperature < GREEDY_BELOW:
         return greedy_tokens(logits)
     logits = logits.float() / temperature
     candidates = None
@@ -93,8 +99,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0:  # also refuses NaN
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:  # also refuses NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -385,8 +391,11 @@ class GenerationConfig:
     threads: int | None = None  # torch's CPU threads; None = torch's choice (one per core)
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # also refuses NaN
+            raise UserError(f"--temperature must be >= 0 (0 = greedy) and finite, got {self.temperature}")
+        # a prompts file's row i draws with seed + i: torch takes seeds up to 2**64 - 1
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise UserError(f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {self.seed}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
         for name in ("top_k", "beam_width", "max_len", "num_samples", "max_slots", "threads"):

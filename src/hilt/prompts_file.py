@@ -67,7 +67,9 @@ def read_prompts_file(cfg: GenerationConfig) -> list[PromptRecord]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not a JSON record ({e.msg})") from None
+            from hilt.corpus import json_error  # e.msg alone can end mid-sentence
+
+            raise UserError(f"{where}: not a JSON record: {json_error(e)}") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise UserError(f'{where}: a record needs a "prompt" string')
         unknown = sorted(set(record) - {"prompt", *_RECORD_KEYS})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -66,16 +67,20 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not isinstance(self.temperature, int | float) or not self.temperature >= 0:  # also refuses NaN
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature < math.inf:  # and NaN
+            raise ValueError(
+                f"temperature must be a number >= 0 (0 = greedy) and finite, got {self.temperature!r}"
+            )
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and (
             not isinstance(self.top_p, int | float) or not 0.0 < self.top_p <= 1.0
         ):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64
+        ):  # torch.Generator.manual_seed's range: outside it the decode thread would fail
+            raise ValueError(f"seed must be an integer from -2**63 to 2**64 - 1, got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):

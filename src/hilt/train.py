@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -71,8 +72,8 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "epochs", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # also refuses NaN
+            raise UserError(f"--lr must be positive and finite, got {self.lr}")
         for name in (
             "max_tokens",
             "save_every",
@@ -83,8 +84,13 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.clip_grad < 0 or self.weight_decay < 0:
-            raise UserError("--clip_grad and --weight_decay must be >= 0")
+        # NaN or inf would show only later: as a diverged loss, or (a NaN --clip_grad) as no clipping at all
+        for name in ("clip_grad", "weight_decay"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise UserError(f"--{name} must be >= 0 and finite, got {getattr(self, name)}")
+        # the data order's seed is seed * 1_000_003 + epoch, which torch.Generator must still take
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be from 0 to 2**32 - 1, got {self.seed}")
         if not 0 < self.val_fraction < 1:
             raise UserError(f"--val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.scheduler not in SCHEDULERS:

@@ -4,6 +4,7 @@ ILT curriculum. Plain Python (no torch), so the CLI can build its flags without 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 # --- the design's ILT constants (defaults of ModelConfig; every one is a CLI flag too) -----------------------
@@ -98,6 +99,9 @@ class ModelConfig:
         for name in ("dropout", "ilt_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("modulation_scale_start", "modulation_scale_end"):
+            if not math.isfinite(getattr(self, name)):  # NaN would make every ILT output NaN
+                raise ValueError(f"ModelConfig.{name} must be a finite number, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
