@@ -16,11 +16,12 @@ RANKS = [
     ("hilt.files", "hilt.device", "hilt.memory"),  # leaves
     ("hilt.model",),  # what a checkpoint rebuilds; imports torch only
     ("hilt.data",),
-    ("hilt.checkpoints",),
+    ("hilt.checkpoint",),
     ("hilt.training", "hilt.generation"),
     ("hilt.evaluation",),
     ("hilt.hf", "hilt.serve"),
-    ("hilt.cli", "hilt.__main__", "hilt"),
+    ("hilt.cli",),
+    ("hilt.__main__", "hilt"),  # `python -m hilt`, and the package's lazy names
 ]
 MAX_LINES = 400
 
