@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+import hilt.cli
 import hilt.token_cache
 from hilt.encode import token_dtype
 from hilt.errors import UserError
@@ -166,3 +167,79 @@ def test_cache_dir_flag_and_unwritable_folder(src, tok, tmp_path):
 def test_token_dtype_widens_past_65536_ids():
     assert token_dtype(50_260) == np.uint16 and token_dtype(65_536) == np.uint16
     assert token_dtype(65_537) == np.uint32 and token_dtype(128_256) == np.uint32
+
+
+# --- cache files changed in place: checksums and the id range ---------------------------------------------------
+
+
+def _tokens_path(cache):
+    return cache.meta_path.parent / cache.meta["tokens_file"]
+
+
+def test_ids_overwritten_with_other_valid_ids_of_the_same_size_rebuild_with_a_reason(src, tok, capsys):
+    first = open_cache(src, tok)
+    right = first.tokens.tolist()
+    wrong = np.array(right, dtype=np.uint16)
+    np.random.default_rng(0).shuffle(wrong)  # valid ids, same size: only the content tells
+    _tokens_path(first).write_bytes(wrong.tobytes())
+    capsys.readouterr()
+    again = open_cache(src, tok)
+    assert again.built and again.tokens.tolist() == right
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "does not match its checksum" in line and first.meta["tokens_file"] in line
+    assert not open_cache(src, tok).built  # the rebuilt cache verifies
+
+
+def test_ids_outside_the_vocabulary_rebuild_even_with_a_matching_checksum(src, tok, capsys):
+    first = open_cache(src, tok)
+    bad = np.array(first.tokens, dtype=np.uint16)
+    bad[100] = 65_000  # past GPT-2's 50,260 ids: an IndexError deep in the model, were it used
+    _tokens_path(first).write_bytes(bad.tobytes())
+    meta = json.loads(first.meta_path.read_text())
+    # the metadata edited to match
+    meta.setdefault("checksums", {})["tokens"] = hashlib.blake2b(bad, digest_size=16).hexdigest()
+    first.meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    again = open_cache(src, tok)
+    assert again.built and int(again.tokens.max()) < tok.vocab_size
+    assert "holds id 65000, outside the vocabulary of 50260" in capsys.readouterr().out
+
+
+DAMAGE = [b"", b"\x93NUMPY garbage", None]
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=["empty", "garbage", "other-offsets"])
+def test_damaged_document_offsets_rebuild_instead_of_failing_on_every_run(src, tok, capsys, damage):
+    first = open_cache(src, tok, doc_separator="blank")
+    docs = first.meta_path.parent / first.meta["docs_file"]
+    if damage is None:  # a valid .npy with other offsets
+        np.save(docs, first.doc_starts[::2])
+        damage = docs.read_bytes()
+    docs.write_bytes(damage)
+    capsys.readouterr()
+    # through the CLI: one line saying why, a rebuild, exit 0 (before: a numpy traceback on every run)
+    args = ["prepare", "--text_file", str(src), "--doc_separator", "blank"]
+    assert hilt.cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "does not match its checksum" in out and "Built:" in out
+    again = open_cache(src, tok, doc_separator="blank")
+    assert not again.built and np.array_equal(again.doc_starts, first.doc_starts)
+
+
+def test_a_cache_without_checksums_is_rebuilt_once(src, tok, capsys):
+    first = open_cache(src, tok)
+    meta = json.loads(first.meta_path.read_text())
+    del meta["checksums"]  # as an older HILT wrote it
+    first.meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert open_cache(src, tok).built
+    assert "no checksums" in capsys.readouterr().out
+    assert not open_cache(src, tok).built
+
+
+def test_the_checksums_are_of_the_files_as_written(src, tok):
+    cache = open_cache(src, tok)
+    sums = cache.meta["checksums"]
+    assert sums["tokens"] == hashlib.blake2b(_tokens_path(cache).read_bytes(), digest_size=16).hexdigest()
+    docs = cache.meta_path.parent / cache.meta["docs_file"]
+    assert sums["docs"] == hashlib.blake2b(docs.read_bytes(), digest_size=16).hexdigest()
