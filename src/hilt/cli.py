@@ -169,6 +169,12 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", default=None, metavar="PATH", help="continue from a checkpoint up to --epochs in total"
     )
+    p.add_argument(
+        "--new_data",
+        action="store_true",
+        help="with --resume: continue on data other than the checkpoint's (refused otherwise), from its first "
+        "epoch, with the best model judged afresh on its validation part (default off)",
+    )
     p.add_argument("--out_dir", default=".", help="where checkpoints and metrics go (default .)")
     p.add_argument(
         "--overwrite", action="store_true", help="let a fresh run replace checkpoints already in --out_dir"
