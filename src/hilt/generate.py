@@ -429,11 +429,18 @@ def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str
     """Loads the checkpoint, generates ``cfg.num_samples`` continuations of the prompt, prints each (prompt +
     continuation) to ``out`` (default: stdout) and returns the continuations. With ``cfg.prompts_file``, runs
     the whole file instead (``run_prompts_file``) and returns the texts of the rows it generated."""
-    out = out or sys.stdout
-    from hilt.device import autocast_dtype, resolve_device, set_cpu_threads
-    from hilt.engine import Engine, SamplingParams
+    from hilt.device import cpu_threads
 
-    set_cpu_threads(cfg.threads)
+    with cpu_threads(cfg.threads):  # an explicit --threads holds for this command, not after it
+        return _run_generation(cfg, out)
+
+
+def _run_generation(cfg: GenerationConfig, out: TextIO | None) -> list[str]:
+    out = out or sys.stdout
+    from hilt.device import autocast_dtype, cpu_threads, resolve_device
+    from hilt.engine import Engine, SamplingParams
+    from hilt.threads import threads_that_fit
+
     if cfg.prompts_file is not None:
         from hilt.prompts_file import read_prompts_file, run_prompts_file
 
@@ -455,15 +462,18 @@ def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str
 
     if cfg.use_beam_search:
         print(cfg.prompt, end="", file=out, flush=True)
-        new = beam_search(
-            model,
-            torch.tensor([ids], dtype=torch.long, device=device),
-            cfg.max_len,
-            beam_width=cfg.beam_width,
-            use_cache=cfg.use_cache,
-            eos_token_id=tokenizer.eos_id,
-            compute_dtype=compute_dtype,
-        )[0, len(ids) :].tolist()
+        # beam search decodes on this thread, not the engine's: no --threads takes the cores free right now
+        threads = cfg.threads or (threads_that_fit() if device.type == "cpu" else None)
+        with cpu_threads(threads):
+            new = beam_search(
+                model,
+                torch.tensor([ids], dtype=torch.long, device=device),
+                cfg.max_len,
+                beam_width=cfg.beam_width,
+                use_cache=cfg.use_cache,
+                eos_token_id=tokenizer.eos_id,
+                compute_dtype=compute_dtype,
+            )[0, len(ids) :].tolist()
         text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
         print(text, file=out, flush=True)
         return [text]
@@ -473,7 +483,11 @@ def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str
     seed = cfg.seed if cfg.seed is not None else int(torch.seed() % 2**62)
     texts = []
     with Engine(
-        model, tokenizer, max_slots=min(cfg.num_samples, cfg.max_slots), compute_dtype=compute_dtype
+        model,
+        tokenizer,
+        max_slots=min(cfg.num_samples, cfg.max_slots),
+        compute_dtype=compute_dtype,
+        threads=cfg.threads or "auto",  # no --threads: the decode thread picks (hilt.threads)
     ) as engine:
         requests = [
             engine.submit(

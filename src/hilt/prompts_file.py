@@ -149,7 +149,13 @@ def run_prompts_file(cfg: GenerationConfig, records, model, tokenizer, compute_d
     bar = tqdm(total=len(records), initial=len(done), unit="prompt", file=sys.stderr, dynamic_ncols=True)
     try:
         with (
-            Engine(model, tokenizer, max_slots=cfg.max_slots, compute_dtype=compute_dtype) as engine,
+            Engine(
+                model,
+                tokenizer,
+                max_slots=cfg.max_slots,
+                compute_dtype=compute_dtype,
+                threads=cfg.threads or "auto",
+            ) as engine,
             out_path.open("a", encoding="utf-8") as f,
         ):
             for k, result in engine.generate_iter(items()):
