@@ -376,10 +376,18 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from hilt.generate import GenerationConfig, run_generation
+    from hilt.generation_config import GenerationConfig
 
     settings = {f.name: getattr(args, f.name) for f in fields(GenerationConfig) if f.name != "amp"}
-    run_generation(GenerationConfig(**settings, amp=not args.no_amp))
+    cfg = GenerationConfig(**settings, amp=not args.no_amp)
+    if cfg.prompts_file is not None:
+        from hilt.prompts_file import run_prompts_file
+
+        run_prompts_file(cfg)  # checks the file and --out before it imports torch
+        return 0
+    from hilt.generate import run_generation
+
+    run_generation(cfg)
     return 0
 
 
