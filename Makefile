@@ -34,7 +34,8 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/bench.py --ilt_kind depth,x0
 
-# Checks the CUDA side end to end and times it (under 5 minutes on one H100); says so and exits 0 without a GPU.
+# Checks the CUDA side end to end and times it (about 4 minutes on one H100, estimated); without a GPU it says so
+# and exits 0.
 # `make gpu-check PY=python3` uses a Python that already has CUDA torch (a GPU image) instead of setting up .venv.
 gpu-check: $(if $(filter command line,$(origin PY)),,setup)
 	PYTHONPATH=src $(PY) benchmarks/gpu_check.py

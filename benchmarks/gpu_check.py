@@ -1,6 +1,6 @@
 """HILT's CUDA side, checked end to end and timed on the first GPU it meets: `make gpu-check`.
 
-    make gpu-check                                         # the README's .venv; under 5 minutes on one H100
+    make gpu-check                                         # the README's .venv; ~4 min on one H100 (estimated)
     make gpu-check PY=python3                              # a GPU image whose python3 already has CUDA torch
     .venv/bin/python benchmarks/gpu_check.py --cpu_smoke   # every step on the CPU with a tiny model (~1 min)
 
