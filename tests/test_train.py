@@ -1,5 +1,6 @@
 """End-to-end training through the CLI, as a user runs it: tiny models on data.txt, CPU."""
 
+import json
 import math
 import os
 import random
@@ -356,3 +357,169 @@ def test_a_cpu_capped_to_avx2_counts_as_without_native_bf16(monkeypatch):
     assert device.autocast_dtype(torch.device("cpu")) == torch.bfloat16
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert device.autocast_dtype(torch.device("cpu")) is None
+
+
+# --- one run per --out_dir ----------------------------------------------------------------------------------
+
+# `python -m hilt`, not the root train.py (which puts this checkout's src/ first): a PYTHONPATH then picks the code
+HILT_TRAIN = [sys.executable, "-m", "hilt", "train", *TRAIN_CMD[2:]]
+
+
+def test_a_run_on_an_out_dir_held_by_another_is_refused_naming_its_pid(tmp_path, capsys):
+    from hilt.train import LOCK_NAME, out_dir_lock
+
+    with out_dir_lock(
+        tmp_path / "run"
+    ):  # as another `hilt train` holds it (an flock conflicts in-process too)
+        assert train(tmp_path / "run", "--epochs", "1") == 2
+        err = capsys.readouterr().err.strip()
+        assert f"is in use by another hilt train (PID {os.getpid()} on host" in err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_NAME]  # nothing written
+    assert not (tmp_path / "run").exists()  # the holder made the folder and left it empty: gone with it
+    assert train(tmp_path / "run", "--epochs", "1") == 0
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "best_model.pt",
+        "last_model.pt",
+        "metrics.jsonl",
+    ]
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_on_one_out_dir_one_trains_and_one_is_refused(tmp_path):
+    cmd = [*HILT_TRAIN, "--max_tokens", "2000", "--epochs", "200", "--out_dir", str(tmp_path)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    try:
+        _wait_for(lambda: any(p.poll() is not None for p in procs), 120)  # before: both trained on
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = procs[1 - procs.index(loser)]
+        err = loser.communicate()[1].strip()
+        assert loser.returncode == 2 and len(err.splitlines()) == 1, err
+        assert f"in use by another hilt train (PID {winner.pid} on host" in err
+        assert winner.poll() is None
+        _wait_for(lambda: (tmp_path / "last_model.pt").exists() or winner.poll() is not None, 120)
+        winner.send_signal(signal.SIGTERM)
+        winner.communicate(timeout=60)
+        assert winner.returncode == 128 + signal.SIGTERM
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["kind"] == "step"]
+    assert steps == list(range(1, len(steps) + 1))  # one run's rows, not two runs' interleaved
+    assert load_checkpoint(tmp_path / "last_model.pt")["global_step"] == steps[-1]
+    assert not (tmp_path / ".hilt_train.lock").exists()
+
+
+@pytest.mark.slow
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
+    cmd = [
+        *HILT_TRAIN,
+        "--max_tokens",
+        "2000",
+        "--epochs",
+        "3",
+        "--save_every",
+        "1",
+        "--out_dir",
+        str(tmp_path),
+    ]
+    last, lock = tmp_path / "last_model.pt", tmp_path / ".hilt_train.lock"
+    killed = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: last.exists() or killed.poll() is not None, 120)
+    killed.kill()  # SIGKILL: no clean-up runs, the lock file stays with its PID in it
+    killed.wait()
+    assert json.loads(lock.read_text())["pid"] == killed.pid
+    done = subprocess.run([*cmd, "--resume", str(last)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"note: taking over {lock} from PID {killed.pid} on host" in done.stdout
+    assert load_checkpoint(last)["epoch"] == 3 and not lock.exists()
+
+
+# --- resuming on other data ---------------------------------------------------------------------------------
+
+
+def _texts(tmp_path):
+    """Two inputs of 2,000+ tokens each (so --max_tokens 2000 gives both the same count), different content."""
+    text = DATA_TXT.read_text(encoding="utf-8")
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(text[:12_000], encoding="utf-8")
+    b.write_text(text[40_000:52_000], encoding="utf-8")
+    return a, b
+
+
+def test_resume_on_other_data_of_the_same_size_is_refused(tmp_path, capsys):
+    a, b = _texts(tmp_path)
+    assert train(tmp_path / "run", "--epochs", "1", text_file=a) == 0
+    last = tmp_path / "run" / "last_model.pt"
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    capsys.readouterr()
+    assert train(tmp_path / "run", "--resume", str(last), text_file=b) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{last} was trained on other data than this run reads" in err and "--new_data" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # nothing touched
+    # the same data still resumes
+    assert train(tmp_path / "run", "--resume", str(last), text_file=a) == 0
+
+
+def test_new_data_starts_its_first_epoch_and_judges_the_best_model_afresh(tmp_path, capsys, monkeypatch):
+    from hilt.data import TokenBatches
+
+    a, b = _texts(tmp_path)
+    assert train(tmp_path / "run", "--epochs", "1", text_file=a) == 0
+    first = load_checkpoint(tmp_path / "run" / "best_model.pt")
+    orders = []
+    original = TokenBatches.window_order
+    monkeypatch.setattr(
+        TokenBatches, "window_order", lambda self, epoch: orders.append(epoch) or original(self, epoch)
+    )
+    last = tmp_path / "run" / "last_model.pt"
+    assert train(tmp_path / "run", "--resume", str(last), "--new_data", text_file=b) == 0
+    assert "on new data: its first epoch is epoch 2" in capsys.readouterr().out
+    assert orders == [0]  # epoch 2 of the run is the new data's epoch 0 (its first shuffled order)
+    ckpt = load_checkpoint(last)
+    assert ckpt["epoch"] == 2 and ckpt["data_start_epoch"] == 1
+    assert ckpt["global_step"] == 2 * first["global_step"]  # the schedule runs on over the run's total
+    # best_model.pt now holds epoch 2, judged on b's validation part alone, even where a's loss was lower
+    best = load_checkpoint(tmp_path / "run" / "best_model.pt")
+    assert best["epoch"] == 2 and best["best_loss"] == ckpt["history"][1]["val_loss"]
+    assert best["data_digest"] == ckpt["data_digest"] != first["data_digest"]
+
+
+@pytest.mark.slow
+def test_a_new_data_run_resumes_bit_exact_after_an_interruption(tmp_path, monkeypatch):
+    a, b = _texts(tmp_path)
+    assert train(tmp_path / "a", "--epochs", "1", text_file=a) == 0
+    start = tmp_path / "a" / "last_model.pt"
+    assert train(tmp_path / "full", "--epochs", "3", "--resume", str(start), "--new_data", text_file=b) == 0
+    with monkeypatch.context() as m:
+        _stop_after_first_epoch(m)  # stops after epoch 2 (the new data's first)
+        code = train(tmp_path / "split", "--epochs", "3", "--resume", str(start), "--new_data", text_file=b)
+        assert code == 128 + signal.SIGINT
+    split = tmp_path / "split" / "last_model.pt"
+    assert train(tmp_path / "split", "--epochs", "3", "--resume", str(split), text_file=b) == 0
+    _assert_same_run(tmp_path / "full", tmp_path / "split")
+
+
+def test_a_checkpoint_without_a_data_checksum_resumes_with_a_note(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "1") == 0
+    ckpt = load_checkpoint(tmp_path / "last_model.pt")
+    ckpt.pop("data_digest", None)  # as written before checkpoints recorded it
+    torch.save(ckpt, tmp_path / "old.pt")
+    capsys.readouterr()
+    assert train(tmp_path, "--resume", str(tmp_path / "old.pt")) == 0
+    assert "old.pt records no data checksum (an older HILT wrote it); the data could not be checked" in (
+        capsys.readouterr().out
+    )
+    assert load_checkpoint(tmp_path / "last_model.pt")["epoch"] == 2
+
+
+def test_new_data_needs_resume(tmp_path, capsys):
+    assert train(tmp_path / "out", "--new_data") == 2
+    assert "--new_data continues a checkpoint on other data; it needs --resume" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,9 @@ with ``torch.load(..., weights_only=True)`` so a crafted file cannot run code.
 Keys (FORMAT_VERSION 2): format_version, config (ModelConfig as a dict), model_state_dict, optimizer_state_dict,
 scheduler_state_dict, scaler_state_dict, epoch (epochs completed), batch_in_epoch (batches of the current epoch
 already trained), global_step, best_loss, train_loss, val_loss, perplexity, train_config (the run's settings),
-rng_state, tokenizer (its identity string), history (per-epoch metrics).
+rng_state, tokenizer (its identity string), history (per-epoch metrics), epoch_stats (the current epoch's running
+sums), data_fingerprint (how the training data was batched), data_digest (a checksum of the ids trained and
+validated on; absent before it was introduced), data_start_epoch (the epoch at which that data's first epoch began).
 
 Format 1 is read too: its config may name the ILT variants the ablation rejected (``ModelConfig.REMOVED``), which
 load where they were off and are refused, in one line, where they were on.
@@ -141,6 +143,25 @@ def load_model_and_tokenizer(path: str | Path, device: torch.device, requested: 
 
 
 # --- resuming: where in the data a checkpoint left off ----------------------------------------------------
+
+
+def check_same_data(ckpt: dict, digest: str, path: str | Path, *, new_data: bool = False) -> str | None:
+    """Refuses to resume on data other than the checkpoint's (its position in the data and its best validation
+    loss would mean nothing there) unless ``new_data`` says it is meant. Returns a note to show, or None."""
+    recorded = ckpt.get("data_digest")
+    if new_data:
+        return None
+    if recorded is None:
+        return (
+            f"note: {path} records no data checksum (an older HILT wrote it); the data could not be checked"
+        )
+    if recorded != digest:
+        raise UserError(
+            f"{path} was trained on other data than this run reads (the ids' checksums differ: a changed "
+            "--text_file, --max_tokens, tokenizer or reader flag); resume with the data it was trained on, or add "
+            "--new_data to continue training on this data from its first epoch, with best_model.pt judged afresh"
+        )
+    return None
 
 
 def data_fingerprint(train_data) -> dict:

@@ -159,6 +159,12 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", default=None, metavar="PATH", help="continue from a checkpoint up to --epochs in total"
     )
+    p.add_argument(
+        "--new_data",
+        action="store_true",
+        help="with --resume: continue on data other than the checkpoint's (refused otherwise), from its first "
+        "epoch, with the best model judged afresh on its validation part (default off)",
+    )
     p.add_argument("--out_dir", default=".", help="where checkpoints and metrics go (default .)")
     p.add_argument(
         "--overwrite", action="store_true", help="let a fresh run replace checkpoints already in --out_dir"
@@ -360,10 +366,18 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from hilt.generate import GenerationConfig, run_generation
+    from hilt.generation_config import GenerationConfig
 
     settings = {f.name: getattr(args, f.name) for f in fields(GenerationConfig) if f.name != "amp"}
-    run_generation(GenerationConfig(**settings, amp=not args.no_amp))
+    cfg = GenerationConfig(**settings, amp=not args.no_amp)
+    if cfg.prompts_file is not None:
+        from hilt.prompts_file import run_prompts_file
+
+        run_prompts_file(cfg)  # checks the file and --out before it imports torch
+        return 0
+    from hilt.generate import run_generation
+
+    run_generation(cfg)
     return 0
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -63,12 +65,24 @@ def autocast_dtype(device: torch.device, use_amp: bool = True) -> torch.dtype | 
 
 
 def set_cpu_threads(threads: int | None) -> None:
-    """torch's CPU threads from now on, for this thread and every thread started after it (None keeps torch's
-    choice, one per core): `hilt generate --threads` and `hilt serve --threads`. One per core decoded fastest on
-    the one 2-core machine measured, once idle OpenMP workers are released (``release_openmp_workers``); another
-    machine may differ, hence the flag (docs/generation.md, "Threads")."""
+    """torch's CPU threads from now on, for this thread and every thread started after it: an explicit
+    `hilt generate --threads` or `hilt serve --threads`. None changes nothing: without the flag the engine's
+    decode thread picks its own count (``Engine(threads="auto")``, hilt.threads; docs/generation.md, "Threads")."""
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """``set_cpu_threads`` for a block, with the calling thread's count and the process's put back after it: a
+    command run from Python (a test, a notebook) leaves torch as it found it."""
+    before = torch.get_num_threads()
+    set_cpu_threads(threads)
+    try:
+        yield
+    finally:
+        if threads is not None:
+            torch.set_num_threads(before)
 
 
 @functools.cache

@@ -25,7 +25,9 @@ tokens are the same unless two candidates tie to within that rounding (the tests
 Process-wide switches (the oneDNN switch for single-token steps) are applied only on the decode thread. OpenMP
 keeps worker threads per thread that ran parallel operators; the engine ends the caller's when it starts and at
 each submit, and the decode thread's whenever it runs dry (``hilt.device.release_openmp_workers``: with two pools
-alive on a small machine every parallel operator of a step wakes a sleeping worker).
+alive on a small machine every parallel operator of a step wakes a sleeping worker). ``threads="auto"`` lets the
+decode thread pick its own torch thread count and change it as the machine's load changes (``hilt.threads``: one
+thread per core collapses when other work holds the cores).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from hilt.request import (  # noqa: F401 (re-exported: the engine's public API)
     Result,
     SamplingParams,
 )
+from hilt.threads import DecodeThreads
 
 
 @dataclass(eq=False)
@@ -102,7 +105,9 @@ class Engine:
     ``compute_dtype`` (e.g. torch.bfloat16) runs the matrix products in that precision as ``hilt.generate``
     does; None keeps the model's. ``prefill_tokens`` bounds the prompt tokens prefilled per step, so that a
     burst of new prompts delays the running rows by a bounded amount (one prompt longer than it still goes
-    whole, in a call of its own).
+    whole, in a call of its own). ``threads``: torch's thread count on the decode thread; None keeps the
+    process's setting (``torch.set_num_threads`` before ``start``), ``"auto"`` picks one up to that setting and
+    changes it as the load changes (``hilt.threads``), an int fixes it.
     """
 
     def __init__(
@@ -115,11 +120,16 @@ class Engine:
         max_queue: int = 1024,
         cache_memory: int | None = None,
         prefill_tokens: int = 512,
+        threads: int | str | None = None,
     ):
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if not (threads in (None, "auto") or (isinstance(threads, int) and threads >= 1)):
+            raise ValueError(f"threads must be None, 'auto' or an int >= 1, got {threads!r}")
+        self.threads = threads
+        self._threads: DecodeThreads | None = None  # made on the decode thread, which owns the setting
         self.model = model
         self.tokenizer = tokenizer
         self.compute_dtype = compute_dtype
@@ -264,6 +274,7 @@ class Engine:
                 "padded_prefill_tokens": c.padded_prefill_tokens,
                 "finished": dict(c.finished),
                 "alive": self._thread is not None and self._thread.is_alive(),
+                "threads": self._threads.count if self._threads is not None else None,
             }
 
     def shutdown(self, timeout: float | None = None) -> None:
@@ -297,10 +308,13 @@ class Engine:
     # --- the decode thread ---
 
     def _run(self) -> None:
+        self._threads = DecodeThreads(self.threads, self.device)
         try:
             with torch.inference_mode():
                 while self._next_batch():
-                    self._step()
+                    # only a step that prefills nothing is timed for the thread choice
+                    rows = len(self._rows) if all(r.ready for r in self._rows) else None
+                    self._threads.step(self._step, rows)
         except BaseException as error:  # noqa: BLE001 - every request must hear about it, then it propagates
             with self._lock:
                 self._error = error
@@ -311,6 +325,8 @@ class Engine:
             for request in leftover:
                 request._finish_with(None, error)
             raise
+        finally:
+            self._threads.close()
 
     def _next_batch(self) -> bool:
         """Waits for work; drops ended rows, admits waiting requests into free slots. False: time to stop."""
@@ -327,6 +343,7 @@ class Engine:
                 if self._stopping:
                     return False
                 release_openmp_workers()  # an idle engine holds none, so it slows no other thread's down
+                self._threads.idle()
                 self._lock.wait()
 
     def _ended(self, row: _Row) -> bool:

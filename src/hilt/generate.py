@@ -14,14 +14,13 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TextIO
 
 import torch
 import torch.nn.functional as F
 
 from hilt.decoding import cache_dtype, decoding_weights, without_onednn
-from hilt.errors import UserError
+from hilt.generation_config import GenerationConfig  # noqa: F401 (re-exported)
 from hilt.model import HierarchicalTransformer
 from hilt.model.kernels import greedy_tokens
 from hilt.model.kv_cache import KVCache
@@ -365,56 +364,6 @@ class TextStreamer:
 # --- glue: from settings to printed text ---------------------------------------------------------------------
 
 
-@dataclass(kw_only=True)
-class GenerationConfig:
-    """How to generate (the model comes from the checkpoint). Field names are the CLI's flags."""
-
-    model_path: str
-    prompt: str = "The quick brown"  # "" starts from the <BOS> token
-    max_len: int = 50  # new tokens at most
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    use_beam_search: bool = False
-    beam_width: int = 5
-    use_cache: bool = False  # beam search only: sampling always runs through the engine's cache
-    seed: int | None = None  # None = a fresh random seed
-    num_samples: int = 1
-    stream: bool = False
-    device: str = "auto"
-    amp: bool = True  # matmuls in bf16 where the hardware has it (as training's autocast); False = fp32
-    model_dim: int | None = None  # accepted for compatibility; must match the checkpoint
-    prompts_file: str | None = None  # batch mode: one prompt per line (.txt) or record (.jsonl)
-    out: str | None = None  # batch mode: the results, one JSON record per prompt
-    resume: bool = False  # batch mode: keep the finished rows of --out and run the rest
-    max_slots: int = 16  # sequences decoded together
-    threads: int | None = None  # torch's CPU threads; None = torch's choice (one per core)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.temperature < math.inf:  # also refuses NaN
-            raise UserError(f"--temperature must be >= 0 (0 = greedy) and finite, got {self.temperature}")
-        # a prompts file's row i draws with seed + i: torch takes seeds up to 2**64 - 1
-        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
-            raise UserError(f"--seed must fit in 64 bits (-2**63 to 2**63 - 1), got {self.seed}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
-        for name in ("top_k", "beam_width", "max_len", "num_samples", "max_slots", "threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"--{name} must be >= 1, got {value}")
-        if self.use_beam_search and self.num_samples > 1:
-            raise UserError("--num_samples needs sampling; beam search gives one deterministic result")
-        if self.prompts_file is None and (self.out is not None or self.resume):
-            raise UserError("--out and --resume belong to --prompts_file")
-        if self.prompts_file is not None:
-            if self.out is None:
-                raise UserError("--prompts_file needs --out (the results file)")
-            if self.use_beam_search or self.num_samples > 1:
-                raise UserError(
-                    "--prompts_file samples one continuation per prompt (no beam search, no --num_samples)"
-                )
-
-
 def load_for_generation(cfg: GenerationConfig, device: torch.device):
     """Model (eval mode, on ``device``) and the tokenizer it was trained with, from ``cfg.model_path``."""
     from hilt.checkpoint import load_model_and_tokenizer
@@ -429,20 +378,25 @@ def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str
     """Loads the checkpoint, generates ``cfg.num_samples`` continuations of the prompt, prints each (prompt +
     continuation) to ``out`` (default: stdout) and returns the continuations. With ``cfg.prompts_file``, runs
     the whole file instead (``run_prompts_file``) and returns the texts of the rows it generated."""
-    out = out or sys.stdout
-    from hilt.device import autocast_dtype, resolve_device, set_cpu_threads
-    from hilt.engine import Engine, SamplingParams
+    from hilt.device import cpu_threads
 
-    set_cpu_threads(cfg.threads)
+    with cpu_threads(cfg.threads):  # an explicit --threads holds for this command, not after it
+        return _run_generation(cfg, out)
+
+
+def _run_generation(cfg: GenerationConfig, out: TextIO | None) -> list[str]:
     if cfg.prompts_file is not None:
-        from hilt.prompts_file import read_prompts_file, run_prompts_file
+        from hilt.prompts_file import run_prompts_file
 
-        records = read_prompts_file(cfg)  # bad input fails before the model loads
+        return run_prompts_file(cfg)
+    out = out or sys.stdout
+    from hilt.device import autocast_dtype, cpu_threads, resolve_device
+    from hilt.engine import Engine, SamplingParams
+    from hilt.threads import threads_that_fit
+
     device = resolve_device(cfg.device)
     model, tokenizer = load_for_generation(cfg, device)
     compute_dtype = autocast_dtype(device, cfg.amp)
-    if cfg.prompts_file is not None:
-        return run_prompts_file(cfg, records, model, tokenizer, compute_dtype)
     ids = tokenizer.encode(cfg.prompt) or [tokenizer.bos_id]  # an empty prompt starts from <BOS>
     context = model.config.max_seq_len
     if len(ids) > context:
@@ -455,15 +409,18 @@ def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str
 
     if cfg.use_beam_search:
         print(cfg.prompt, end="", file=out, flush=True)
-        new = beam_search(
-            model,
-            torch.tensor([ids], dtype=torch.long, device=device),
-            cfg.max_len,
-            beam_width=cfg.beam_width,
-            use_cache=cfg.use_cache,
-            eos_token_id=tokenizer.eos_id,
-            compute_dtype=compute_dtype,
-        )[0, len(ids) :].tolist()
+        # beam search decodes on this thread, not the engine's: no --threads takes the cores free right now
+        threads = cfg.threads or (threads_that_fit() if device.type == "cpu" else None)
+        with cpu_threads(threads):
+            new = beam_search(
+                model,
+                torch.tensor([ids], dtype=torch.long, device=device),
+                cfg.max_len,
+                beam_width=cfg.beam_width,
+                use_cache=cfg.use_cache,
+                eos_token_id=tokenizer.eos_id,
+                compute_dtype=compute_dtype,
+            )[0, len(ids) :].tolist()
         text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
         print(text, file=out, flush=True)
         return [text]
@@ -473,7 +430,11 @@ def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str
     seed = cfg.seed if cfg.seed is not None else int(torch.seed() % 2**62)
     texts = []
     with Engine(
-        model, tokenizer, max_slots=min(cfg.num_samples, cfg.max_slots), compute_dtype=compute_dtype
+        model,
+        tokenizer,
+        max_slots=min(cfg.num_samples, cfg.max_slots),
+        compute_dtype=compute_dtype,
+        threads=cfg.threads or "auto",  # no --threads: the decode thread picks (hilt.threads)
     ) as engine:
         requests = [
             engine.submit(

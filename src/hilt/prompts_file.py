@@ -1,19 +1,26 @@
 """``hilt generate --prompts_file F --out results.jsonl``: a whole file of prompts through the batched engine, each
 record with its own sampling settings; rows are written as they finish, so an interrupted run keeps them and
 ``--resume`` skips them.
+
+The prompts file and ``--out`` are checked before torch is imported (seconds) and the model loads, so a mistake in
+either comes back at once.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hilt.errors import UserError
+from hilt.request import SamplingParams
 
 if TYPE_CHECKING:
-    from hilt.generate import GenerationConfig
+    from hilt.generation_config import GenerationConfig
 
 
 # what a .jsonl record may carry besides "prompt": an "id" copied to its result, and SamplingParams' fields
@@ -40,15 +47,25 @@ class PromptRecord:
     id: object = None
 
 
+def run_prompts_file(cfg: GenerationConfig) -> list[str]:
+    """Checks the prompts file and ``cfg.out``, loads the model, runs the prompts not yet in ``cfg.out`` and returns
+    the texts of the rows it generated."""
+    records = read_prompts_file(cfg)
+    done = read_finished_rows(cfg, records)
+    # torch from here on: everything a user can get wrong in the two files has been said
+    from hilt.device import autocast_dtype, cpu_threads, resolve_device
+    from hilt.generate import load_for_generation
+
+    with cpu_threads(cfg.threads):  # an explicit --threads holds for this command, not after it
+        device = resolve_device(cfg.device)
+        model, tokenizer = load_for_generation(cfg, device)
+        return generate_rows(cfg, records, done, model, tokenizer, autocast_dtype(device, cfg.amp))
+
+
 def read_prompts_file(cfg: GenerationConfig) -> list[PromptRecord]:
     """The prompts of ``cfg.prompts_file``: each non-blank line of a text file, or each record of a .jsonl file
     ({"prompt": ..., optional "id" and sampling fields}). Every record's settings are checked here, so a bad one
     stops the run before anything is generated, naming its line."""
-    import json
-    from pathlib import Path
-
-    from hilt.engine import SamplingParams
-
     path = Path(cfg.prompts_file)
     if not path.is_file():
         raise UserError(f"--prompts_file {path}: no such file")
@@ -62,73 +79,99 @@ def read_prompts_file(cfg: GenerationConfig) -> list[PromptRecord]:
             continue
         where = f"{path}:{number}"
         if path.suffix != ".jsonl":
-            records.append(PromptRecord(len(records), number, line, {}))
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            from hilt.corpus import json_error  # e.msg alone can end mid-sentence
+            record = PromptRecord(len(records), number, line, {})
+        else:
+            try:
+                fields = json.loads(line)
+            except json.JSONDecodeError as e:
+                from hilt.corpus import json_error  # e.msg alone can end mid-sentence
 
-            raise UserError(f"{where}: not a JSON record: {json_error(e)}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise UserError(f'{where}: a record needs a "prompt" string')
-        unknown = sorted(set(record) - {"prompt", *_RECORD_KEYS})
-        if unknown:
-            raise UserError(
-                f"{where}: unknown field {unknown[0]!r} (known: prompt, {', '.join(_RECORD_KEYS)})"
-            )
-        params = {k: v for k, v in record.items() if k not in ("prompt", "id")}
+                raise UserError(f"{where}: not a JSON record: {json_error(e)}") from None
+            if not isinstance(fields, dict) or not isinstance(fields.get("prompt"), str):
+                raise UserError(f'{where}: a record needs a "prompt" string')
+            unknown = sorted(set(fields) - {"prompt", *_RECORD_KEYS})
+            if unknown:
+                raise UserError(
+                    f"{where}: unknown field {unknown[0]!r} (known: prompt, {', '.join(_RECORD_KEYS)})"
+                )
+            params = {k: v for k, v in fields.items() if k not in ("prompt", "id")}
+            record = PromptRecord(len(records), number, fields["prompt"], params, fields.get("id"))
         try:
-            _sampling_params(cfg, params, 0, SamplingParams)
+            _sampling_params(cfg, record)  # checks the record's settings
         except (ValueError, TypeError) as e:
             raise UserError(f"{where}: {e}") from None
-        records.append(PromptRecord(len(records), number, record["prompt"], params, record.get("id")))
+        records.append(record)
     if not records:
         raise UserError(f"--prompts_file {path} holds no prompts")
     return records
 
 
-def _sampling_params(cfg: GenerationConfig, own: dict, index: int, cls):
+def _sampling_params(cfg: GenerationConfig, record: PromptRecord) -> SamplingParams:
     """The flags' settings, overridden by the record's own; with --seed, row i's seed is seed + i."""
     values = dict(
         max_new_tokens=cfg.max_len,
         temperature=cfg.temperature,
         top_k=cfg.top_k,
         top_p=cfg.top_p,
-        seed=None if cfg.seed is None else cfg.seed + index,
+        seed=None if cfg.seed is None else cfg.seed + record.index,
     )
-    values.update(own)
-    return cls(**values)
+    values.update(record.params)
+    return SamplingParams(**values)
 
 
-def run_prompts_file(cfg: GenerationConfig, records, model, tokenizer, compute_dtype) -> list[str]:
-    """Runs every prompt of the file through one engine and writes ``cfg.out`` (JSON lines, one per prompt).
+def read_finished_rows(cfg: GenerationConfig, records: list[PromptRecord]) -> dict[int, dict]:
+    """The rows already in ``cfg.out``, by index; reads only (the file is rewritten once the model has loaded).
+
+    Without ``cfg.resume`` a non-empty ``--out`` is refused. The last line may be torn (a run killed while writing
+    it): it is dropped with a warning naming its row, which runs again. Any other line that is not a row of this
+    prompts file is an error, and the file stays as it is."""
+    out_path = Path(cfg.out)
+    if out_path.is_dir():
+        raise UserError(f"--out {out_path} is a folder; name a file")
+    if not out_path.parent.is_dir():
+        raise UserError(f"--out {out_path}: no folder {out_path.parent}")
+    if not out_path.exists() or not out_path.stat().st_size:
+        return {}
+    if not cfg.resume:
+        raise UserError(f"--out {out_path} exists: --resume continues it, or remove it")
+    lines = out_path.read_bytes().split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the newline that ends the last row
+    done: dict[int, dict] = {}
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line.decode("utf-8"))  # a tear can split a character too
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if number < len(lines):
+                raise UserError(f"--out {out_path}:{number} is not a result row; use another --out") from None
+            torn = re.match(rb'\{"index": (\d+)', line)
+            row_name = f"row {int(torn[1])}" if torn else "its row"
+            print(
+                f"warning: {out_path}:{number} is a torn line (a run stopped while writing it); "
+                f"dropping it, {row_name} runs again",
+                file=sys.stderr,
+            )
+            continue
+        i = row.get("index") if isinstance(row, dict) else None
+        if not isinstance(i, int) or not 0 <= i < len(records) or row.get("prompt") != records[i].prompt:
+            raise UserError(f"--out {out_path} holds results of another prompts file; use another --out")
+        done[i] = row
+    return done
+
+
+def generate_rows(
+    cfg: GenerationConfig, records, done: dict[int, dict], model, tokenizer, compute_dtype
+) -> list[str]:
+    """Runs every prompt not in ``done`` through one engine and writes ``cfg.out`` (JSON lines, one per prompt).
 
     Rows are appended (and flushed) as they finish, so an interruption keeps every finished row; when all are
-    done the file is rewritten in input order. ``cfg.resume`` keeps the rows already in ``cfg.out`` (a torn last
-    line is dropped) and runs only the others."""
-    import json
-    from pathlib import Path
-
+    done the file is rewritten in input order."""
     from tqdm import tqdm
 
-    from hilt.engine import Engine, SamplingParams
+    from hilt.engine import Engine
     from hilt.files import atomic_write
 
     out_path = Path(cfg.out)
-    done: dict[int, dict] = {}
-    if out_path.exists() and out_path.stat().st_size:
-        if not cfg.resume:
-            raise UserError(f"--out {out_path} exists: --resume continues it, or remove it")
-        for line in out_path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the line a hard kill tore
-            i = row.get("index") if isinstance(row, dict) else None
-            if not isinstance(i, int) or not 0 <= i < len(records) or row.get("prompt") != records[i].prompt:
-                raise UserError(f"--out {out_path} holds results of another prompts file; use another --out")
-            done[i] = row
 
     def write_all(rows: list[dict]) -> None:
         atomic_write(
@@ -143,13 +186,14 @@ def run_prompts_file(cfg: GenerationConfig, records, model, tokenizer, compute_d
     def items():
         for r in todo:
             ids = (tokenizer.encode(r.prompt) or [tokenizer.bos_id])[-context:]
-            yield ids, _sampling_params(cfg, r.params, r.index, SamplingParams)
+            yield ids, _sampling_params(cfg, r)
 
+    slots, threads = cfg.max_slots, cfg.threads or "auto"
     texts, tokens, started = [], 0, time.perf_counter()
     bar = tqdm(total=len(records), initial=len(done), unit="prompt", file=sys.stderr, dynamic_ncols=True)
     try:
         with (
-            Engine(model, tokenizer, max_slots=cfg.max_slots, compute_dtype=compute_dtype) as engine,
+            Engine(model, tokenizer, max_slots=slots, compute_dtype=compute_dtype, threads=threads) as engine,
             out_path.open("a", encoding="utf-8") as f,
         ):
             for k, result in engine.generate_iter(items()):
@@ -185,7 +229,5 @@ def run_prompts_file(cfg: GenerationConfig, records, model, tokenizer, compute_d
 
 def append_row(f, row: dict) -> None:
     """One finished row, on disk at once (a test interrupts the run here)."""
-    import json
-
     f.write(json.dumps(row, ensure_ascii=False) + "\n")
     f.flush()

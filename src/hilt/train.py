@@ -1,15 +1,18 @@
 """``hilt train``: the run's settings (``TrainConfig``) and the glue from them to a running ``Trainer``
-(hilt/trainer.py): tokenizer, data, model, resume, DDP under torchrun, and signals.
+(hilt/trainer.py): tokenizer, data, model, resume, DDP under torchrun, the lock on ``--out_dir``, and signals.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from hilt import distributed
 from hilt.checkpoint import (
     CHECKPOINT_NAMES,
     check_compatible,
+    check_same_data,
     load_checkpoint,
     model_from_checkpoint,
     remove_stale_temporaries,
@@ -29,8 +33,14 @@ from hilt.errors import UserError
 from hilt.loss import LanguageModelLoss
 from hilt.model import HierarchicalTransformer, ModelConfig
 from hilt.schedule import SCHEDULERS
+from hilt.token_cache import ids_digest
 from hilt.tokenizer import Tokenizer
 from hilt.trainer import Trainer, TrainingDiverged, TrainingInterrupted, build_optimizer  # noqa: F401 (re-exported)
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so a second run on an --out_dir is not refused there
+    fcntl = None
 
 
 @dataclass(kw_only=True)
@@ -55,6 +65,7 @@ class TrainConfig:
     device: str = "auto"
     save_every: int = 0  # also write last_model.pt every N optimizer steps (0 = only at epoch ends)
     resume: str | None = None
+    new_data: bool = False  # on --resume: other data on purpose (its first epoch next, the best model afresh)
     compile: bool = False  # torch.compile the layers (slow first step; pays off on long runs, mostly in bf16)
     patience: int = 0  # stop early after this many epochs without a better validation loss (0 = never)
     overwrite: bool = False  # allow a fresh run to replace checkpoints already in out_dir
@@ -95,6 +106,8 @@ class TrainConfig:
             raise UserError(f"--val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.new_data and not self.resume:
+            raise UserError("--new_data continues a checkpoint on other data; it needs --resume")
 
 
 # --- glue: from settings to a running Trainer ----------------------------------------------------------------
@@ -150,10 +163,19 @@ def run_training(cfg: TrainConfig, model_args: dict) -> Trainer:
 
 def _run_training(cfg: TrainConfig, model_args: dict, dist_info: distributed.DistInfo) -> Trainer:
     say = print if dist_info.is_main else (lambda *args, **kwargs: None)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    device = dist_info.device
     out_dir = Path(cfg.out_dir)
     check_out_dir(out_dir, resuming=cfg.resume is not None, overwrite=cfg.overwrite)
+    with hold_out_dir(out_dir, dist_info, say):
+        # again: a run that held the folder until a moment ago may have saved there
+        check_out_dir(out_dir, resuming=cfg.resume is not None, overwrite=cfg.overwrite)
+        if dist_info.is_main:
+            remove_stale_temporaries(out_dir)
+        return _train(cfg, model_args, dist_info, say)
+
+
+def _train(cfg: TrainConfig, model_args: dict, dist_info: distributed.DistInfo, say) -> Trainer:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    device = dist_info.device
     tokenizer = Tokenizer.load(cfg.tokenizer)
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
     if ckpt is not None:
@@ -168,9 +190,12 @@ def _run_training(cfg: TrainConfig, model_args: dict, dist_info: distributed.Dis
     if cfg.seq_len > model.config.max_seq_len:
         raise UserError(f"--seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     train_data, val_data = prepare_data(cfg, tokenizer, dist_info.rank, dist_info.world_size)
-    if dist_info.is_main:
-        out_dir.mkdir(exist_ok=True)  # only now: a run refused above leaves no trace
-        remove_stale_temporaries(out_dir)
+    # the content of every id trained and validated on (the cache's own checksum when the run uses all of it)
+    data_digest = ids_digest(train_data.tokens, val_data.tokens)
+    if ckpt is not None:
+        note = check_same_data(ckpt, data_digest, cfg.resume, new_data=cfg.new_data)
+        if note:
+            say(note)
     model.to(device)
     if cfg.compile:
         compile_layers(model)
@@ -185,15 +210,22 @@ def _run_training(cfg: TrainConfig, model_args: dict, dist_info: distributed.Dis
         val_data,
         device=device,
         tokenizer_name=tokenizer.name,
+        data_digest=data_digest,
         net=net,
         is_main=dist_info.is_main,
     )
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
-        say(
-            f"Resumed from {cfg.resume}: epoch {trainer.epoch}, step {trainer.global_step}, "
-            f"best val loss {trainer.best_loss:.4f}"
-        )
+        if cfg.new_data:
+            say(
+                f"Resumed from {cfg.resume} on new data: its first epoch is epoch {trainer.epoch + 1}, from step "
+                f"{trainer.global_step}; best_model.pt is judged on the new validation data from now on"
+            )
+        else:
+            say(
+                f"Resumed from {cfg.resume}: epoch {trainer.epoch}, step {trainer.global_step}, "
+                f"best val loss {trainer.best_loss:.4f}"
+            )
     if dist_info.rank > 0:
         # distinct dropout masks per rank (rank 0 keeps the seeded or restored stream)
         torch.manual_seed(cfg.seed + 1_000_003 * dist_info.rank + trainer.global_step)
@@ -230,6 +262,119 @@ def check_out_dir(out_dir: Path, *, resuming: bool, overwrite: bool) -> None:
             f"{out_dir} already holds {' and '.join(existing)}; continue with --resume {out_dir / existing[-1]}, "
             "start afresh there with --overwrite, or choose another --out_dir"
         )
+
+
+# --- one run per --out_dir ----------------------------------------------------------------------------------
+
+LOCK_NAME = ".hilt_train.lock"
+
+
+@contextlib.contextmanager
+def hold_out_dir(out_dir: Path, dist_info: distributed.DistInfo, say=print):
+    """``out_dir_lock`` held by rank 0 for the whole run; under torchrun the other ranks learn whether it got it
+    (an error there must not leave them waiting)."""
+    verdict = [None]
+    with contextlib.ExitStack() as stack:
+        if dist_info.is_main:
+            try:
+                stack.enter_context(out_dir_lock(out_dir, say))
+            except Exception as e:
+                verdict = [str(e) if isinstance(e, UserError) else f"rank 0 could not lock {out_dir} ({e!r})"]
+                if dist_info.enabled:
+                    torch.distributed.broadcast_object_list(verdict, src=0)
+                raise
+        if dist_info.enabled:
+            torch.distributed.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise UserError(verdict[0])
+        yield
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: Path, say=print):
+    """Holds ``out_dir`` (creating it) for one run: another ``hilt train`` there is refused, naming the PID that
+    holds it, instead of interleaving its metrics and racing its checkpoints with this run's.
+
+    An flock on ``out_dir/.hilt_train.lock``, which holds the owner's PID and host: the kernel drops the lock when
+    its process dies, however it dies, so the file a killed run leaves behind is stale by construction and the
+    next run takes it over. A folder this run created and left empty (a run refused before writing) is removed."""
+    created = False
+    with contextlib.suppress(FileExistsError):
+        out_dir.mkdir()
+        created = True
+    try:
+        fd = _lock(out_dir / LOCK_NAME, say)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+    try:
+        yield
+    finally:
+        if fd is not None:
+            # unlinked while still locked: a run that opened the old file sees it gone and locks a new one
+            with contextlib.suppress(OSError):
+                (out_dir / LOCK_NAME).unlink()
+            os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something, which stays
+                out_dir.rmdir()
+
+
+def _lock(path: Path, say) -> int | None:
+    """The descriptor holding the lock, or None where files cannot be locked (said once)."""
+    if fcntl is None:
+        say(f"note: cannot lock {path.parent} on this system; a second run there would not be refused")
+        return None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            for _ in range(10):  # the holder writes its PID a moment after it takes the lock
+                if holder != "unknown":
+                    break
+                time.sleep(0.1)
+                holder = _lock_holder(fd)
+            os.close(fd)
+            raise UserError(
+                f"--out_dir {path.parent} is in use by another hilt train ({holder}); wait for it to finish, "
+                "or choose another --out_dir"
+            ) from None
+        except OSError as e:  # e.g. ENOLCK on some network filesystems
+            os.close(fd)
+            say(f"note: cannot lock {path.parent} ({e.strerror}); a second run there would not be refused")
+            return None
+        try:
+            current = os.stat(path)
+            mine = os.fstat(fd)
+            if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed the file between our open and our lock: lock the new one
+    previous = _lock_holder(fd)
+    if previous != "unknown":
+        say(f"note: taking over {path} from {previous}, which is no longer running")
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    return fd
+
+
+def _lock_holder(fd: int) -> str:
+    """The holder a lock file names ("PID 123 on host h, since ..."; "unknown" when empty or unreadable)."""
+    try:
+        record = json.loads(os.pread(fd, 4096, 0))
+        return f"PID {int(record['pid'])} on host {record['host']}, since {record['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
 
 
 @contextlib.contextmanager

@@ -82,6 +82,7 @@ class Trainer:
         *,
         device: torch.device,
         tokenizer_name: str = "",
+        data_digest: str | None = None,
         net: nn.Module | None = None,
         is_main: bool = True,
     ):
@@ -92,6 +93,7 @@ class Trainer:
         self.val_data = val_data
         self.device = device
         self.tokenizer_name = tokenizer_name
+        self.data_digest = data_digest
         self.is_main = is_main
         self.out_dir = Path(cfg.out_dir)
 
@@ -110,6 +112,7 @@ class Trainer:
 
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # batches of the current epoch already trained
+        self.data_start_epoch = 0  # the epoch at which this data's first epoch began (> 0 after --new_data)
         self.global_step = 0  # optimizer steps taken
         self.best_loss = math.inf
         self.last_val_loss = math.nan
@@ -117,6 +120,11 @@ class Trainer:
         self.history: list[dict] = []
         self.epochs_without_improvement = 0
         self.stop_signal: int | None = None  # set by a signal handler; honoured between optimizer steps
+
+    @property
+    def data_epoch(self) -> int:
+        """Which epoch of the training data the current epoch is (its shuffled order's seed)."""
+        return self.epoch - self.data_start_epoch
 
     # --- one step ---------------------------------------------------------------------------------------
 
@@ -139,7 +147,7 @@ class Trainer:
         progress = (self.epoch + first / n_batches) / self.cfg.epochs  # the model's curriculum reads it
         losses = []
         for i in range(first, last):
-            x, y = self.train_data.batch(self.epoch, i, order)
+            x, y = self.train_data.batch(self.data_epoch, i, order)
             # under DDP only the last micro-step of an accumulation group all-reduces the gradients
             sync = (
                 contextlib.nullcontext()
@@ -246,7 +254,7 @@ class Trainer:
     def train_epoch(self) -> None:
         """The rest of the current epoch's steps (all of them, unless resuming mid-epoch), with a progress bar."""
         n_tokens_per_batch = self.cfg.batch_size * self.cfg.seq_len * self.train_data.world_size
-        order = self.train_data.window_order(self.epoch)
+        order = self.train_data.window_order(self.data_epoch)
         bar = tqdm(
             total=len(self.train_data),
             initial=self.batch_in_epoch,
@@ -353,6 +361,8 @@ class Trainer:
             "global_step": self.global_step,
             "epoch_stats": dict(stats),
             "data_fingerprint": data_fingerprint(self.train_data),
+            "data_digest": self.data_digest,
+            "data_start_epoch": self.data_start_epoch,
             "best_loss": self.best_loss,
             "epochs_without_improvement": self.epochs_without_improvement,
             "train_loss": train_loss,
@@ -373,8 +383,10 @@ class Trainer:
             ) from None
 
     def load_state_dict(self, ckpt: dict) -> None:
-        """Restores everything a resume needs. If the data or batching changed since the checkpoint, training
-        continues from the start of the next epoch instead of mid-epoch (the old position means nothing)."""
+        """Restores everything a resume needs. If the batching changed since the checkpoint, training continues
+        from the start of the next epoch instead of mid-epoch (the old position means nothing). With
+        ``--new_data`` that next epoch is the new data's first, and the best validation loss is forgotten: it was
+        measured on other validation data."""
         self.model.load_state_dict(ckpt["model_state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         self.scheduler.load_state_dict(ckpt["scheduler_state_dict"])
@@ -387,10 +399,20 @@ class Trainer:
         self.epochs_without_improvement = int(ckpt.get("epochs_without_improvement", 0))
         self.last_val_loss = float(ckpt["val_loss"])
         self.history = list(ckpt.get("history", []))
-        self.epoch, self.batch_in_epoch, stats = resume_position(ckpt, self.train_data)
+        self.data_start_epoch = int(ckpt.get("data_start_epoch", 0))
+        if self.cfg.new_data:
+            epoch, batch = int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
+            self.epoch, self.batch_in_epoch = (epoch + 1 if batch else epoch), 0
+            self.data_start_epoch = self.epoch
+            self.best_loss = math.inf
+            self.epochs_without_improvement = 0
+            self.last_val_loss = math.nan
+            stats = None
+        else:
+            self.epoch, self.batch_in_epoch, stats = resume_position(ckpt, self.train_data)
         if stats is not None:
             self.epoch_stats = stats
-        elif self.epoch > int(ckpt["epoch"]) and self.is_main:
+        elif self.epoch > int(ckpt["epoch"]) and self.is_main and not self.cfg.new_data:
             print(
                 f"note: the data or batch settings changed since the checkpoint; starting epoch {self.epoch + 1} afresh"
             )

@@ -12,7 +12,8 @@ def add_threads(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads for the process, the decode thread included (default: one per core; see "
+        help="torch CPU threads for the process, the decode thread included (default: the decode thread picks "
+        "its count from the free cores and its step times, again as the load changes; see "
         "docs/generation.md#threads)",
     )
 

@@ -56,6 +56,10 @@ class _EngineCollector:
             "hilt_requests_running", "Requests decoding now (slots in use)", stats["running"]
         )
         yield GaugeMetricFamily("hilt_requests_waiting", "Requests queued for a slot", stats["waiting"])
+        if stats.get("threads") is not None:
+            yield GaugeMetricFamily(
+                "hilt_decode_threads", "torch threads the decode thread runs with now", stats["threads"]
+            )
         finished = CounterMetricFamily(
             "hilt_requests_finished",
             "Requests ended, by finish reason (cancelled: the client left, the request timed out, or shutdown)",

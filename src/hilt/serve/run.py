@@ -42,7 +42,7 @@ class ServeConfig:
     device: str = "auto"
     amp: bool = True
     log_level: str = "info"
-    threads: int | None = None  # torch's CPU threads; None = torch's choice (one per core)
+    threads: int | None = None  # torch's CPU threads; None = the decode thread picks (hilt.threads)
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -108,11 +108,18 @@ def load_engine(cfg: ServeConfig):
     from hilt.engine import Engine
     from hilt.serve.app import Loaded
 
-    set_cpu_threads(cfg.threads)  # before the engine's thread starts, which takes the setting with it
+    set_cpu_threads(cfg.threads)  # an explicit --threads holds for the whole server process
     device = resolve_device(cfg.device)
     model, tokenizer, _ = load_model_and_tokenizer(cfg.model_path, device)
     dtype = autocast_dtype(device, cfg.amp)
-    engine = Engine(model, tokenizer, max_slots=cfg.max_batch, compute_dtype=dtype, max_queue=cfg.max_queue)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_slots=cfg.max_batch,
+        compute_dtype=dtype,
+        max_queue=cfg.max_queue,
+        threads=cfg.threads or "auto",  # no --threads: the decode thread picks (hilt.threads)
+    )
     engine.start()
     c = model.config
     info = {
