@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 from common import cpu_kind
 
-from hilt.corpus import GPT2_LINE_CUT
-from hilt.encode import piece_encoder
-from hilt.token_cache import open_cache
-from hilt.tokenizer import Tokenizer
+from hilt.data.corpus import GPT2_LINE_CUT
+from hilt.data.encode import piece_encoder
+from hilt.data.token_cache import open_cache
+from hilt.data.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def stage_seconds(path: Path, tok: Tokenizer) -> dict[str, float]:
     """CPU seconds of each stage of `hilt prepare`, each run alone on one thread over the whole file."""
     import hashlib
 
-    from hilt.corpus import Corpus, decode_counting
+    from hilt.data.corpus import Corpus, decode_counting
 
     def cpu(fn):
         start = time.process_time()
@@ -178,7 +178,7 @@ def main() -> None:
         hit_ms = (time.perf_counter() - start) * 1e3
         # what a training run pays on top before it reads the cache (hilt prepare itself never imports torch)
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import hilt.cli, hilt.train"], check=True)
+        subprocess.run([sys.executable, "-c", "import hilt.cli, hilt.training.run"], check=True)
         import_s = time.perf_counter() - start
         meta = cache.meta
 
@@ -189,7 +189,7 @@ def main() -> None:
         if separator:  # the first stories, <EOS> between them
             for i, story in enumerate(sample[:2_000_000].split("\n\n")[:-1]):
                 expected += ([tok.eos_id] if i else []) + tok.encode(story.strip("\r\n"))
-        else:  # the text up to a safe cut (see hilt.corpus) has the first ids of the whole text
+        else:  # the text up to a safe cut (see hilt.data.corpus) has the first ids of the whole text
             *_, last = GPT2_LINE_CUT.finditer(sample, 0, 2_000_000)
             expected = tok.encode(sample[: last.end()])
         assert cache.tokens[: len(expected)].tolist() == expected, "cache differs from a one-shot encode"
@@ -238,7 +238,7 @@ def main() -> None:
     )
     print(
         f"second prepare (cache hit): {warm_wall:.2f} s in a fresh process (no torch import); open_cache itself "
-        f"{hit_ms:.1f} ms; peak RSS {warm_rss:,.0f} MB; starting Python and importing hilt.train (torch), as "
+        f"{hit_ms:.1f} ms; peak RSS {warm_rss:,.0f} MB; starting Python and importing hilt.training.run (torch), as "
         f"training does: {import_s:.2f} s"
     )
     print(f"bare encoders, one thread: tiktoken {tiktoken_rate:.1f} MB/s, tokenizers {hf_rate:.1f} MB/s")

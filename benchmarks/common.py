@@ -75,7 +75,7 @@ class Contestant:
     """One model + optimizer + precision; ``step()`` is one forward + backward + clip + AdamW step, as train.py's."""
 
     def __init__(self, name, model, amp_dtype, flops_per_token, loss_fn):
-        from hilt.train import TrainConfig, build_optimizer
+        from hilt.training.run import TrainConfig, build_optimizer
 
         self.name, self.model, self.amp_dtype = name, model, amp_dtype
         self.flops_per_token = flops_per_token

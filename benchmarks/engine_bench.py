@@ -1,5 +1,5 @@
 """The batched engine measured side by side in one run: aggregate tokens/s against concurrency, Hugging Face's
-batched `generate` on the same requests, time to first token under load, batch-1 speed against `hilt.generate`,
+batched `generate` on the same requests, time to first token under load, batch-1 speed against `hilt.generation.generate`,
 and peak memory.
 
     .venv/bin/python benchmarks/engine_bench.py                 # default architecture, bf16 where training uses it
@@ -24,7 +24,7 @@ Time to first token: a short request (8 prompt tokens, 16 new) submitted while 1
 arrives at a uniformly random moment of a decoding step, so its wait for that step to end varies from none to a
 whole step: 5-sample medians ranged from 2.6x to 3.6x in one morning on this machine, hence 15 by default.
 
-Batch 1: one 8-token prompt, --new_tokens greedy tokens, the engine against `hilt.generate` (cached), in bf16 and in
+Batch 1: one 8-token prompt, --new_tokens greedy tokens, the engine against `hilt.generation.generate` (cached), in bf16 and in
 fp32, and fp32 without ILTs (n_layers_ilt=0) to show what the ILTs cost per token; plus the number of torch
 operators one decoding step runs, with and without ILTs.
 """
@@ -42,8 +42,8 @@ import torch
 from common import VOCAB, cpu_name
 
 from hilt.device import autocast_dtype
-from hilt.engine import Engine, SamplingParams
-from hilt.generate import generate
+from hilt.generation.engine import Engine, SamplingParams
+from hilt.generation.generate import generate
 from hilt.model import HierarchicalTransformer, ModelConfig
 
 
@@ -185,11 +185,11 @@ def batch_one(args, model, plain, bf16) -> list[tuple[str, float]]:
     label = "bf16" if bf16 is not None else "fp32"
     contestants = {
         f"engine, {label}": via_engine(engines[bf16]),
-        f"hilt.generate, {label}": via_generate(model, bf16),
+        f"hilt.generation.generate, {label}": via_generate(model, bf16),
         "engine, fp32": via_engine(engines[None]),
-        "hilt.generate, fp32": via_generate(model, None),
+        "hilt.generation.generate, fp32": via_generate(model, None),
         "engine, fp32, n_layers_ilt=0": via_engine(plain_engine),
-        "hilt.generate, fp32, n_layers_ilt=0": via_generate(plain, None),
+        "hilt.generation.generate, fp32, n_layers_ilt=0": via_generate(plain, None),
     }
     times = {k: [] for k in contestants}
     for i in range(args.rounds + 1):

@@ -1,7 +1,7 @@
 """Evaluation against training on one model and batch, side by side in one process: `hilt eval`'s scoring
 (``evaluate_tokens``), training's validation (``Trainer.evaluate``), training steps (``Trainer.train_step``, inside
 ``hilt.memory.freed_memory_kept`` as ``Trainer.fit`` runs them) and, for comparison, what the two evaluations did
-before they shared ``hilt.loss.HeadLoss``: training's validation through the chunked training loss's no-grad
+before they shared ``hilt.training.loss.HeadLoss``: training's validation through the chunked training loss's no-grad
 branch (fresh buffers per batch), `hilt eval` through the model's full (B, T, V) logits and an fp32 cross-entropy.
 
     .venv/bin/python benchmarks/eval_bench.py                                  # the 128-wide demo model, fp32
@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from common import VOCAB, cpu_kind
 
 from hilt import memory
-from hilt.data import TokenBatches
+from hilt.data.batches import TokenBatches
 from hilt.device import autocast_dtype
-from hilt.evaluate import evaluate_tokens
-from hilt.loss import CHUNK_ELEMENTS
+from hilt.evaluation.evaluate import evaluate_tokens
+from hilt.training.loss import CHUNK_ELEMENTS
 from hilt.model import HierarchicalTransformer, ModelConfig
-from hilt.train import TrainConfig, Trainer
+from hilt.training.run import TrainConfig, Trainer
 
 
 class Meter:
@@ -117,7 +117,7 @@ def main() -> None:
 
     @torch.no_grad()
     def old_validation() -> None:
-        # what Trainer.evaluate did before it shared HeadLoss (hilt.loss at d41804c^): per batch a fresh logits
+        # what Trainer.evaluate did before it shared HeadLoss (hilt.training.loss at d41804c^): per batch a fresh logits
         # buffer of 512 rows or fewer, and per chunk torch.logsumexp's chunk-sized temporary
         model.eval()
         for x, y in val_data.eval_batches():

@@ -196,15 +196,15 @@ def hilt_api() -> SimpleNamespace:
     """Everything taken from inside the package (the CLI and the engine are public; the rest moves in the coming
     refactor, and then only this function changes)."""
     import hilt.device
-    import hilt.train  # noqa: F401  (imports the trainer, whose autocast_dtype ``forced_autocast`` replaces)
-    from hilt.checkpoint import load_model_and_tokenizer
+    import hilt.training.run  # noqa: F401  (imports the trainer, whose autocast_dtype ``forced_autocast`` replaces)
+    from hilt.checkpoint.store import load_model_and_tokenizer
     from hilt.cli import main as cli_main
-    from hilt.engine import Engine, SamplingParams
+    from hilt.generation.engine import Engine, SamplingParams
     from hilt.model.flops import training_flops_per_token
-    from hilt.generate import generate
-    from hilt.loss import LanguageModelLoss
+    from hilt.generation.generate import generate
+    from hilt.training.loss import LanguageModelLoss
     from hilt.model import HierarchicalTransformer, ModelConfig
-    from hilt.train import TrainConfig, build_optimizer
+    from hilt.training.run import TrainConfig, build_optimizer
 
     return SimpleNamespace(
         cli_main=cli_main,

@@ -116,9 +116,9 @@ def demo_shaped_checkpoint(folder: Path) -> str:
     """`make demo`'s architecture with random weights, saved as the trainer saves."""
     import torch
 
-    from hilt.checkpoint import FORMAT_VERSION, atomic_save
+    from hilt.checkpoint.store import FORMAT_VERSION, atomic_save
     from hilt.model import HierarchicalTransformer, ModelConfig
-    from hilt.tokenizer import Tokenizer
+    from hilt.data.tokenizer import Tokenizer
 
     torch.manual_seed(0)
     tok = Tokenizer.load()

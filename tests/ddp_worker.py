@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from hilt import trainer as train_module
+from hilt.training import trainer as train_module
 from hilt.cli import main
 
 record_dir = sys.argv[1]

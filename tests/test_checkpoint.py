@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from hilt.checkpoint import (
+from hilt.checkpoint.store import (
     FORMAT_VERSION,
     atomic_save,
     capture_rng_state,

@@ -8,7 +8,7 @@ from dataclasses import fields
 import pytest
 
 from hilt.cli import COMMANDS, build_parser, main, subcommand_parsers
-from hilt.train import TrainConfig
+from hilt.training.run import TrainConfig
 from tests.conftest import REPO, save_untrained_checkpoint
 
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from hilt.cli import main
-from hilt.corpus import Corpus, check_text_head, resolve_sources
-from hilt.encode import piece_encoder, tokenize_corpus
+from hilt.data.corpus import Corpus, check_text_head, resolve_sources
+from hilt.data.encode import piece_encoder, tokenize_corpus
 from hilt.errors import UserError
-from hilt.tokenizer import Tokenizer, gpt2_files_dir
+from hilt.data.tokenizer import Tokenizer, gpt2_files_dir
 from tests.conftest import DATA_TXT
 
 
@@ -105,7 +105,7 @@ def test_piece_cuts_happen_and_fall_back_to_spaces_in_long_lines(tmp_path, tok):
 
 @pytest.mark.parametrize("gpt2_cuts", [True, False])
 def test_the_last_cut_is_the_last_match_of_a_full_scan(gpt2_cuts):
-    from hilt.corpus import DocumentSplitter
+    from hilt.data.corpus import DocumentSplitter
 
     splitter = DocumentSplitter(None, strip=False, gpt2_cuts=gpt2_cuts, piece_chars=700)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hilt.cli import main
-from hilt.data import (
+from hilt.data.batches import (
     TokenBatches,
     corpus_tokens,
     min_tokens_needed,
@@ -19,7 +19,7 @@ from hilt.data import (
     train_val_tokens,
 )
 from hilt.errors import UserError
-from hilt.tokenizer import Tokenizer
+from hilt.data.tokenizer import Tokenizer
 from tests.conftest import DATA_TXT
 
 TINY = ["--model_dim", "32", "--n_layers", "1", "--n_heads", "2", "--ilt_dim", "16", "--d_ff", "64"]

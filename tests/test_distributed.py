@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from hilt.checkpoint import load_checkpoint, model_from_checkpoint
+from hilt.checkpoint.store import load_checkpoint, model_from_checkpoint
 from hilt.cli import main
 from tests.conftest import DATA_TXT, REPO
 

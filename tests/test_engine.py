@@ -9,11 +9,11 @@ import torch
 
 from hilt.cli import main
 from hilt.device import _openmp_runtimes, release_openmp_workers
-from hilt.engine import Engine, EngineClosed, QueueFull, SamplingParams
-from hilt.generate import generate
+from hilt.generation.engine import Engine, EngineClosed, QueueFull, SamplingParams
+from hilt.generation.generate import generate
 from hilt.model import HierarchicalTransformer
 from hilt.model.kv_cache import SlotCache
-from hilt.tokenizer import Tokenizer
+from hilt.data.tokenizer import Tokenizer
 from tests.conftest import save_untrained_checkpoint, tiny_config
 
 
@@ -25,7 +25,7 @@ def tiny_model(**overrides) -> HierarchicalTransformer:
 
 
 def alone(model, prompt, n, dtype=None, seed=None, **sampling):
-    """What hilt.generate gives for this prompt on its own."""
+    """What hilt.generation.generate gives for this prompt on its own."""
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     out = generate(model, torch.tensor([prompt]), n, generator=generator, compute_dtype=dtype, **sampling)
     return out[0, len(prompt) :].tolist()
@@ -293,7 +293,7 @@ def test_prompts_file_rows_come_in_input_order_with_their_own_settings(checkpoin
 
 
 def test_resume_after_an_interruption_gives_the_uninterrupted_file(checkpoint, tmp_path, capsys, monkeypatch):
-    import hilt.prompts_file as prompts_file_module
+    import hilt.generation.prompts_file as prompts_file_module
 
     prompts = prompts_jsonl(tmp_path, RECORDS * 2)
     flags = [

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from hilt.cli import main
-from hilt.data import TokenBatches
-from hilt.evaluate import HeadLoss, evaluate_tokens, run_eval, sliding_windows
+from hilt.data.batches import TokenBatches
+from hilt.evaluation.evaluate import HeadLoss, evaluate_tokens, run_eval, sliding_windows
 from hilt.model import HierarchicalTransformer, kernels
-from hilt.tokenizer import Tokenizer
-from hilt.train import TrainConfig, Trainer, run_training
+from hilt.data.tokenizer import Tokenizer
+from hilt.training.run import TrainConfig, Trainer, run_training
 from tests.conftest import DATA_TXT, save_untrained_checkpoint, tiny_config
 
 
@@ -184,7 +184,7 @@ def test_hilt_eval_split_val_reproduces_the_recorded_validation_loss(trained_run
     # a real loss of a model that learnt something: below a uniform guess over GPT-2's vocabulary
     assert 0 < recorded < math.log(50_257)
     result = run_eval(str(out / "r" / "last_model.pt"), split="val", amp=amp, device="cpu")
-    # the same windows, batches, precision and code (features, then hilt.loss.HeadLoss): equal to the last bit
+    # the same windows, batches, precision and code (features, then hilt.training.loss.HeadLoss): equal to the last bit
     assert result.loss == recorded == trainer.last_val_loss == trainer.history[-1]["val_loss"]
     assert result.tokens == trainer.val_data.num_windows * 16  # every validation window, each whole
     printed = capsys.readouterr().out

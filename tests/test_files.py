@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hilt.checkpoint import atomic_save
+from hilt.checkpoint.store import atomic_save
 from hilt.cli import main
 from hilt.errors import UserError
 from hilt.files import atomic_write

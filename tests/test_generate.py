@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from hilt.cli import main
-from hilt.decoding import cache_dtype
-from hilt.generate import (
+from hilt.generation.decoding import cache_dtype
+from hilt.generation.generate import (
     TextStreamer,
     beam_search,
     context_start,
@@ -19,7 +19,7 @@ from hilt.generate import (
 )
 from hilt.model import HierarchicalTransformer
 from hilt.model.kv_cache import KVCache
-from hilt.tokenizer import Tokenizer
+from hilt.data.tokenizer import Tokenizer
 from tests.conftest import REPO, save_untrained_checkpoint, tiny_config
 
 
@@ -208,7 +208,7 @@ def test_bf16_decoding_computes_what_trainings_autocast_computes_and_the_cache_c
 
 
 def test_lowered_copy_matches_autocast_exactly_and_leaves_the_model_alone():
-    from hilt.decoding import lowered_copy
+    from hilt.generation.decoding import lowered_copy
 
     model = tiny_model().train()
     before = {name: (p.dtype, p.data_ptr(), p.clone()) for name, p in model.named_parameters()}
@@ -235,8 +235,8 @@ def test_lowered_copy_matches_autocast_exactly_and_leaves_the_model_alone():
 @pytest.mark.parametrize("overrides", [{}, {"ilt_window": 3}, {"ilt_kind": "depth"}])
 def test_the_decoding_layers_compute_the_reference_layers_bit_for_bit(dtype, overrides):
     """DecodingLayer and DecodingILT skip module calls only: prefill and a cached single-row step (the engine's and
-    hilt.generate's, with oneDNN off as they run it) give the same bits as the reference classes on the same copy."""
-    from hilt.decoding import DecodingILT, DecodingLayer, lowered_copy, onednn_disabled
+    hilt.generation.generate's, with oneDNN off as they run it) give the same bits as the reference classes on the same copy."""
+    from hilt.generation.decoding import DecodingILT, DecodingLayer, lowered_copy, onednn_disabled
 
     model = tiny_model(**overrides)
     lowered = lowered_copy(model, dtype)
@@ -263,7 +263,7 @@ def test_the_decoding_layers_compute_the_reference_layers_bit_for_bit(dtype, ove
 
 
 def test_the_decoding_layers_take_the_reference_in_training_mode():
-    from hilt.decoding import lowered_copy
+    from hilt.generation.decoding import lowered_copy
     from hilt.model import DesignILT, TransformerLayer
 
     lowered = lowered_copy(tiny_model(dropout=0.5, ilt_dropout=0.5), torch.float32).train()
@@ -286,7 +286,7 @@ def test_the_decoding_layers_take_the_reference_in_training_mode():
 
 
 def test_the_decoding_copy_is_built_once_and_rebuilt_when_the_weights_change():
-    from hilt.decoding import decoding_weights, forget_decoding_weights
+    from hilt.generation.decoding import decoding_weights, forget_decoding_weights
 
     model = tiny_model()
     lowered, head = decoding_weights(model, torch.bfloat16)
@@ -326,13 +326,13 @@ def test_the_decoding_copy_is_built_once_and_rebuilt_when_the_weights_change():
 
 
 def lowered_copy_of(model):
-    from hilt.decoding import lowered_copy
+    from hilt.generation.decoding import lowered_copy
 
     return lowered_copy(model, torch.bfloat16)
 
 
 def test_generate_calls_reuse_the_decoding_copy(monkeypatch):
-    from hilt import decoding as decoding_module
+    from hilt.generation import decoding as decoding_module
 
     built = []
     real = decoding_module.lowered_copy
@@ -345,7 +345,7 @@ def test_generate_calls_reuse_the_decoding_copy(monkeypatch):
 
 
 def test_single_row_steps_run_without_onednn_and_the_setting_comes_back(monkeypatch):
-    from hilt import decoding as decoding_module
+    from hilt.generation import decoding as decoding_module
 
     seen = []  # (rows, oneDNN on?) of every model call
     real = decoding_module.lowered_copy
@@ -495,7 +495,7 @@ def test_cli_greedy_is_the_same_with_and_without_cache_and_seeds_repeat(checkpoi
 
 
 def test_cli_runs_the_head_in_trainings_autocast_dtype_and_no_amp_keeps_fp32(checkpoint, capsys, monkeypatch):
-    import hilt.engine as engine_module
+    import hilt.generation.engine as engine_module
     from hilt.device import autocast_dtype
 
     seen = []
@@ -515,7 +515,7 @@ def test_cli_runs_the_head_in_trainings_autocast_dtype_and_no_amp_keeps_fp32(che
 
 
 def test_cli_threads_sets_the_threads_the_engine_decodes_with(checkpoint, capsys, monkeypatch):
-    import hilt.engine as engine_module
+    import hilt.generation.engine as engine_module
 
     seen = []
     real = engine_module.Engine._step
@@ -611,13 +611,13 @@ def test_inference_script_runs_the_generate_command(checkpoint):
 
 
 def test_importing_the_decoding_module_hooks_no_optimizer():
-    """A decoding copy is its user's business: importing hilt.decoding registers no process-wide hook."""
+    """A decoding copy is its user's business: importing hilt.generation.decoding registers no process-wide hook."""
     import subprocess
     import sys
 
     code = (
-        "import torch.optim.optimizer as o; before = len(o._global_optimizer_post_hooks); import hilt.decoding; "
-        "import hilt.engine; import hilt.generate; print(before, len(o._global_optimizer_post_hooks))"
+        "import torch.optim.optimizer as o; before = len(o._global_optimizer_post_hooks); import hilt.generation.decoding; "
+        "import hilt.generation.engine; import hilt.generation.generate; print(before, len(o._global_optimizer_post_hooks))"
     )
     before, after = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

@@ -17,13 +17,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeli
 
 import hilt.model.config  # noqa: E402
 import hilt.model.ilts  # noqa: E402
-from hilt.checkpoint import FORMAT_VERSION, atomic_save, load_model_and_tokenizer  # noqa: E402
+from hilt.checkpoint.store import FORMAT_VERSION, atomic_save, load_model_and_tokenizer  # noqa: E402
 from hilt.cli import main, subcommand_parsers  # noqa: E402
-from hilt.generate import generate  # noqa: E402
+from hilt.generation.generate import generate  # noqa: E402
 from hilt.hf import HiltConfig, HiltForCausalLM  # noqa: E402
 from hilt.hf.export import HF_FILES, MODEL_FILES, PACKAGE, export  # noqa: E402
 from hilt.model import HierarchicalTransformer  # noqa: E402
-from hilt.tokenizer import Tokenizer  # noqa: E402
+from hilt.data.tokenizer import Tokenizer  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 VOCAB = 50260
@@ -346,7 +346,7 @@ def test_an_exported_folder_exports_again_unchanged(exported, tmp_path):
 def test_hilt_reads_a_folder_without_importing_transformers(exported):
     # transformers takes seconds to import; `hilt generate --model_path FOLDER` should not wait for it
     code = (
-        "import sys, torch; from hilt.checkpoint import load_model_and_tokenizer; "
+        "import sys, torch; from hilt.checkpoint.store import load_model_and_tokenizer; "
         f"load_model_and_tokenizer({str(exported[2])!r}, torch.device('cpu')); print('transformers' in sys.modules)"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from hilt.checkpoint import FORMAT_VERSION, atomic_save
+from hilt.checkpoint.store import FORMAT_VERSION, atomic_save
 from hilt.cli import main
-from hilt.data import TokenBatches
+from hilt.data.batches import TokenBatches
 from hilt.errors import UserError
-from hilt.ilt_stats import attention_weights, ilt_stats
+from hilt.evaluation.inspect import attention_weights, ilt_stats
 from hilt.model import HierarchicalTransformer
-from hilt.train import TrainConfig, Trainer
+from hilt.training.run import TrainConfig, Trainer
 from tests.conftest import tiny_config
 
 
@@ -83,7 +83,7 @@ def test_trainer_logs_ilt_stats_every_n_steps_without_changing_training(tmp_path
 
 
 def test_hilt_inspect_prints_and_saves_a_heat_map(tmp_path, capsys):
-    from hilt.tokenizer import Tokenizer
+    from hilt.data.tokenizer import Tokenizer
 
     config = tiny_config(vocab_size=Tokenizer.load().vocab_size)
     ckpt = {
@@ -137,8 +137,8 @@ def test_history_kind_stats_average_the_attention_over_sources():
 
 @pytest.mark.parametrize("kind", ["depth", "dense", "x0"])
 def test_history_kind_trains_resumes_evaluates_generates_and_inspects(tmp_path, capsys, monkeypatch, kind):
-    from hilt import train as train_module
-    from hilt.checkpoint import load_checkpoint
+    from hilt.training import run as train_module
+    from hilt.checkpoint.store import load_checkpoint
     from tests.conftest import DATA_TXT
 
     def train(out, *extra):

@@ -263,7 +263,7 @@ def test_decode_attention_is_picked_for_one_masked_bf16_query_per_row_only():
 
 
 def test_the_decoding_copy_runs_the_batched_step_through_the_kernel_with_the_references_logits(monkeypatch):
-    from hilt.decoding import DecodingAttention, lowered_copy
+    from hilt.generation.decoding import DecodingAttention, lowered_copy
     from hilt.model.kv_cache import SlotCache
 
     model = HierarchicalTransformer(tiny_config(d_model=64, n_heads=2)).eval()
@@ -313,7 +313,7 @@ def test_a_packed_bf16_linear_gives_onednns_bits_and_follows_the_onednn_switch()
 
     def outputs(onednn: bool) -> tuple[list[torch.Tensor], bool]:
         before = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = onednn  # off: what hilt.decoding.without_onednn does for one row
+        torch.backends.mkldnn.enabled = onednn  # off: what hilt.generation.decoding.without_onednn does for one row
         try:
             with torch.no_grad(), Ops() as ops:
                 out = [layer(x) for x in inputs]

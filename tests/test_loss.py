@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hilt import loss as loss_module
-from hilt.loss import LanguageModelLoss, chunked_cross_entropy
+from hilt.training import loss as loss_module
+from hilt.training.loss import LanguageModelLoss, chunked_cross_entropy
 from hilt.model import HierarchicalTransformer, linear
 from tests.conftest import tiny_config
 

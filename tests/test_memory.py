@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from hilt import memory
-from hilt.engine import Engine
+from hilt.generation.engine import Engine
 from hilt.memory import OPT_OUT, freed_memory_kept
 from hilt.model import HierarchicalTransformer
-from hilt.train import Trainer
+from hilt.training.run import Trainer
 from tests.conftest import REPO, tiny_config
 from tests.test_train import train
 
@@ -162,7 +162,7 @@ def test_after_the_block_blocks_below_32_mb_are_reused_not_mapped_afresh_each_ti
 # the test process is whatever the tests before this one left behind
 _GROWING_BLOCKS = """
 import resource, torch
-from hilt.engine import Engine
+from hilt.generation.engine import Engine
 from hilt.model import HierarchicalTransformer
 from tests.conftest import REPO, tiny_config
 with Engine(HierarchicalTransformer(tiny_config()).eval(), max_slots=1):

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from hilt.metrics import MetricsLog
+from hilt.training.metrics import MetricsLog
 
 
 def test_jsonl_records_with_nonfinite_numbers_as_null(tmp_path):

@@ -304,9 +304,9 @@ def test_dense_is_the_depth_kind_without_its_attention():
 
 @pytest.mark.parametrize("kind", HISTORY_KINDS)
 def test_history_kind_in_generations_bf16_copy_computes_what_autocast_computes(kind):
-    """hilt.generate keeps bf16 matrices under an fp32 residual stream; the history modules must neither fail on
+    """hilt.generation.generate keeps bf16 matrices under an fp32 residual stream; the history modules must neither fail on
     the mixed dtypes nor compute anything autocast would not."""
-    from hilt.decoding import lowered_copy
+    from hilt.generation.decoding import lowered_copy
 
     model = history_model(kind)
     idx = torch.randint(0, 97, (2, 7))

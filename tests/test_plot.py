@@ -4,7 +4,7 @@ import pytest
 
 from hilt.cli import main
 from hilt.errors import UserError
-from hilt.plot import plot_runs, read_metrics
+from hilt.evaluation.plot import plot_runs, read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import hilt.prompts_file as prompts_file_module
+import hilt.generation.prompts_file as prompts_file_module
 from hilt.cli import main
 from tests.conftest import save_untrained_checkpoint
 

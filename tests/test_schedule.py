@@ -3,7 +3,7 @@ import math
 import pytest
 
 from hilt.model import modulation_scale
-from hilt.schedule import lr_factor
+from hilt.training.schedule import lr_factor
 
 
 def test_curriculum_follows_the_design_formula():

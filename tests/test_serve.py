@@ -22,7 +22,7 @@ import torch
 from hilt.cli import main
 from hilt.errors import UserError
 from hilt.serve.chat import DEFAULT_TEMPLATE, ChatTemplate
-from hilt.tokenizer import Tokenizer
+from hilt.data.tokenizer import Tokenizer
 from tests.conftest import REPO, save_untrained_checkpoint
 
 KEY = "test-key-123"
@@ -327,7 +327,7 @@ def test_head_answers_wherever_get_does(server):
 
 
 def test_echo_with_logprobs_scores_the_prompt_tokens(server, client, checkpoint):
-    from hilt.checkpoint import load_model_and_tokenizer
+    from hilt.checkpoint.store import load_model_and_tokenizer
 
     prompt, new = "To be, or not to be", 6
     ids = tokens(server, prompt)
@@ -406,8 +406,8 @@ def test_chat_logprob_tokens_join_to_the_reply(server, client):
 def test_token_texts_follow_the_engines_text(checkpoint):
     """Scripted tokens through the real engine (its hold-back for stop strings, its cut, <EOS>): whitespace
     tokens, a character split over two tokens, a stop string that ends inside a token."""
-    from hilt.checkpoint import load_model_and_tokenizer
-    from hilt.engine import Engine, SamplingParams
+    from hilt.checkpoint.store import load_model_and_tokenizer
+    from hilt.generation.engine import Engine, SamplingParams
     from hilt.serve.logprobs import token_texts
 
     model, tokenizer, _ = load_model_and_tokenizer(checkpoint, torch.device("cpu"))
@@ -696,8 +696,8 @@ def test_health_is_503_until_loaded_then_timeouts_and_cors(checkpoint):
 
     import uvicorn
 
-    from hilt.checkpoint import load_model_and_tokenizer
-    from hilt.engine import Engine
+    from hilt.checkpoint.store import load_model_and_tokenizer
+    from hilt.generation.engine import Engine
     from hilt.serve.app import AppSettings, Loaded, create_app
 
     release = threading.Event()

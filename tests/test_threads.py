@@ -1,4 +1,4 @@
-"""The decode thread's choice of torch threads (hilt.threads): the picker on fake times and loads, the reading of
+"""The decode thread's choice of torch threads (hilt.generation.threads): the picker on fake times and loads, the reading of
 /proc, and the decode thread's setting (tests/test_threads_cli.py runs the commands)."""
 
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hilt.device import cpu_threads
-from hilt.threads import (
+from hilt.generation.threads import (
     CHECK_EVERY,
     FIRST_CHECK,
     MAX_BACKOFF,

@@ -28,13 +28,13 @@ def checkpoint(tmp_path_factory):
 # thread count recorded on the engine's decode thread
 GENERATE = textwrap.dedent(
     """
-    import sys, torch, hilt.engine
+    import sys, torch, hilt.generation.engine
     seen = []
-    real = hilt.engine.Engine._step
+    real = hilt.generation.engine.Engine._step
     def step(engine):
         seen.append(torch.get_num_threads())
         real(engine)
-    hilt.engine.Engine._step = step
+    hilt.generation.engine.Engine._step = step
     from hilt.cli import main
     code = main(["generate", *sys.argv[1:]])
     print("STEPS", sorted(set(seen)), len(seen), file=sys.stderr)
@@ -79,17 +79,17 @@ def test_generate_on_busy_cores_decodes_on_one_thread_by_default_and_an_explicit
     checkpoint, capsys, monkeypatch
 ):
     # in this process, to spare two start-ups on busy cores; torch set as its own default would be here
-    import hilt.engine
+    import hilt.generation.engine
     from hilt.cli import main
 
     seen = []
-    real = hilt.engine.Engine._step
+    real = hilt.generation.engine.Engine._step
 
     def step(engine):
         seen.append(torch.get_num_threads())  # on the engine's decode thread
         real(engine)
 
-    monkeypatch.setattr(hilt.engine.Engine, "_step", step)
+    monkeypatch.setattr(hilt.generation.engine.Engine, "_step", step)
     base = ["generate", "--model_path", checkpoint, "--prompt", PROMPT, "--temperature", "0"]
     before = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count())

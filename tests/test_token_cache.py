@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import hilt.cli
-import hilt.token_cache
-from hilt.encode import token_dtype
+import hilt.data.token_cache
+from hilt.data.encode import token_dtype
 from hilt.errors import UserError
-from hilt.token_cache import open_cache
-from hilt.tokenizer import Tokenizer, gpt2_files_dir
+from hilt.data.token_cache import open_cache
+from hilt.data.tokenizer import Tokenizer, gpt2_files_dir
 from tests.conftest import DATA_TXT
 
 
@@ -96,7 +96,7 @@ def test_another_tokenizer_or_separator_gets_its_own_cache(src, tok, tmp_path):
 def test_a_failed_build_leaves_no_cache_that_looks_valid(src, tok, monkeypatch):
     good = open_cache(src, tok)
     src.write_text(src.read_text(encoding="utf-8") + " changed", encoding="utf-8")
-    real = hilt.token_cache.piece_encoder
+    real = hilt.data.token_cache.piece_encoder
 
     def failing_encoder(*args, **kwargs):
         encode, name = real(*args, **kwargs)
@@ -110,7 +110,7 @@ def test_a_failed_build_leaves_no_cache_that_looks_valid(src, tok, monkeypatch):
 
         return encode_then_die, name
 
-    monkeypatch.setattr(hilt.token_cache, "piece_encoder", failing_encoder)
+    monkeypatch.setattr(hilt.data.token_cache, "piece_encoder", failing_encoder)
     with pytest.raises(KeyboardInterrupt):
         open_cache(src, tok, piece_chars=500)
     folder = good.meta_path.parent

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hilt.checkpoint import load_checkpoint
+from hilt.checkpoint.store import load_checkpoint
 from hilt.cli import main
 from tests.conftest import DATA_TXT, REPO
 
@@ -101,7 +101,7 @@ def _assert_same_run(a: Path, b: Path):
 
 def _stop_after_first_epoch(monkeypatch):
     """A user pressing Ctrl-C right after epoch 1: the run saves last_model.pt and exits 130."""
-    from hilt import train as train_module
+    from hilt.training import run as train_module
 
     original = train_module.Trainer.end_epoch
 
@@ -129,7 +129,7 @@ def test_resume_from_a_mid_epoch_save_every_checkpoint_is_bit_exact(tmp_path, mo
     cfg = ["--save_every", "3", "--gradient_accumulation_steps", "2"]
     assert train(tmp_path / "full", *cfg) == 0
     # a crash before the epoch ends: its mid-epoch last_model.pt is all that is left
-    from hilt import train as train_module
+    from hilt.training import run as train_module
 
     with monkeypatch.context() as m:
         m.setattr(
@@ -174,7 +174,7 @@ def test_a_fresh_run_never_replaces_existing_checkpoints_unless_asked(tmp_path, 
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    from hilt import train as train_module
+    from hilt.training import run as train_module
 
     assert train(tmp_path, "--epochs", "1") == 0
     good = (tmp_path / "last_model.pt").read_bytes()
@@ -366,7 +366,7 @@ HILT_TRAIN = [sys.executable, "-m", "hilt", "train", *TRAIN_CMD[2:]]
 
 
 def test_a_run_on_an_out_dir_held_by_another_is_refused_naming_its_pid(tmp_path, capsys):
-    from hilt.train import LOCK_NAME, out_dir_lock
+    from hilt.training.run import LOCK_NAME, out_dir_lock
 
     with out_dir_lock(
         tmp_path / "run"
@@ -468,7 +468,7 @@ def test_resume_on_other_data_of_the_same_size_is_refused(tmp_path, capsys):
 
 
 def test_new_data_starts_its_first_epoch_and_judges_the_best_model_afresh(tmp_path, capsys, monkeypatch):
-    from hilt.data import TokenBatches
+    from hilt.data.batches import TokenBatches
 
     a, b = _texts(tmp_path)
     assert train(tmp_path / "run", "--epochs", "1", text_file=a) == 0

@@ -67,7 +67,7 @@ def autocast_dtype(device: torch.device, use_amp: bool = True) -> torch.dtype | 
 def set_cpu_threads(threads: int | None) -> None:
     """torch's CPU threads from now on, for this thread and every thread started after it: an explicit
     `hilt generate --threads` or `hilt serve --threads`. None changes nothing: without the flag the engine's
-    decode thread picks its own count (``Engine(threads="auto")``, hilt.threads; docs/generation.md, "Threads")."""
+    decode thread picks its own count (``Engine(threads="auto")``, hilt.generation.threads; docs/generation.md, "Threads")."""
     if threads is not None:
         torch.set_num_threads(threads)
 

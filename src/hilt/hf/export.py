@@ -1,4 +1,4 @@
-"""HILT checkpoint -> Hugging Face folder (``hilt export``); the way back is ``hilt.exported.load_exported``.
+"""HILT checkpoint -> Hugging Face folder (``hilt export``); the way back is ``hilt.checkpoint.exported.load_exported``.
 
     from hilt.hf.export import export
     export("runs/x/best_model.pt", "hf/x")
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from hilt.errors import UserError
-from hilt.exported import META_FILE, load_exported  # noqa: F401 (load_exported: folder -> HILT, re-exported)
+from hilt.checkpoint.exported import META_FILE, load_exported  # noqa: F401 (load_exported: folder -> HILT, re-exported)
 from hilt.hf import TRANSFORMERS
 from hilt.model.config import ModelConfig
 
@@ -58,7 +58,7 @@ def export(model_path: str | Path, out_dir: str | Path, *, overwrite: bool = Fal
 
     The folder is written next to ``out_dir`` under a temporary name and renamed at the end, so a failure leaves
     no half-written folder. An existing non-empty ``out_dir`` is replaced only with ``overwrite``."""
-    from hilt.checkpoint import load_model_and_tokenizer
+    from hilt.checkpoint.store import load_model_and_tokenizer
 
     if not TRANSFORMERS:
         raise UserError("hilt export needs transformers, one of HILT's extras: pip install 'hilt[extras]'")

@@ -144,7 +144,7 @@ def _cached_future_mask(T: int, device: torch.device) -> torch.Tensor:
 # The engine's batched decoding step: each row's one new query over the keys its own cache holds, with a mask
 # that hides the other rows' longer tails. These kernels take q (B, H, 1, D), k and v (B, H, S, D) after the
 # cache's update and the mask (B, 1, 1, S), True where a query may attend, and return (B, H, 1, D).
-# hilt.decoding's lowered copy (the bf16 weights generation decodes with) is where they are used.
+# hilt.generation.decoding's lowered copy (the bf16 weights generation decodes with) is where they are used.
 
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

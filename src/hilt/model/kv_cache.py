@@ -13,7 +13,7 @@ import torch
 class KVCache:
     """Keys and values of every main layer: ``k``/``v`` are (L, B, H, max_len, D), allocated on first use on the
     device of the first keys written, in ``dtype`` or else theirs (so bf16 autocast gets a bf16 cache). A wider
-    ``dtype`` holds the keys exactly and the model then attends in it (``hilt.decoding.cache_dtype``'s reason).
+    ``dtype`` holds the keys exactly and the model then attends in it (``hilt.generation.decoding.cache_dtype``'s reason).
 
     ``length`` counts the positions already stored; the model reads it as the position of its next token.
     """

@@ -21,7 +21,7 @@ from torch import nn
 
 class MixedDtypeLinear(nn.Linear):
     """nn.Linear that also runs with weights narrower than its input, computing in the weights' dtype as autocast
-    would. Generation keeps bf16 copies of the matrices (``hilt.decoding.lowered_copy``) while the residual
+    would. Generation keeps bf16 copies of the matrices (``hilt.generation.decoding.lowered_copy``) while the residual
     stream, the norms and the embedding stay fp32: decoding then computes what bf16 training computed without
     casting every weight at every token (batch-1 decoding 118 -> 210 tokens/s with bf16 weights).
 
@@ -31,11 +31,11 @@ class MixedDtypeLinear(nn.Linear):
     `git show ab15cea:benchmarks/packed_linear_bench.py`; a decoding step of the default model at 4 rows -20%,
     at 16 rows -5 to -18% in three of four contended runs and +2% in the fourth). It follows
     ``torch.backends.mkldnn.enabled``, so the single-row steps that
-    ``hilt.decoding.without_onednn`` runs on torch's own GEMV stay there: with the weights out of cache after a
+    ``hilt.generation.decoding.without_onednn`` runs on torch's own GEMV stay there: with the weights out of cache after a
     whole step, that GEMV beats the packed weight (a step 8.5 vs 12.4 ms). ``pack(single_row=True)`` keeps the
     packed weight there too: for an fp32 LM head, whose single-row product torch gives to MKL (a 256 x 50,260 head:
     3.8 ms, packed 1.0 ms; fp32 decoding at batch 1 127 -> 193 tokens/s), and the fp32 main layers
-    (``hilt.decoding.lowered_copy``). A packed layer must be packed again after its weight changes: the decoding
+    (``hilt.generation.decoding.lowered_copy``). A packed layer must be packed again after its weight changes: the decoding
     copy never changes, it is rebuilt."""
 
     packed: torch.Tensor | None = None

@@ -1,4 +1,4 @@
-"""`hilt serve`: an OpenAI-compatible HTTP server with a web playground, on top of ``hilt.engine``.
+"""`hilt serve`: an OpenAI-compatible HTTP server with a web playground, on top of ``hilt.generation.engine``.
 
     app.py          the FastAPI app: routes, API key, limits, errors in OpenAI's shape, the page
     completions.py  /v1/completions and /v1/chat/completions: engine requests in, JSON or SSE out

@@ -32,7 +32,7 @@ from hilt.serve.metrics import Metrics
 from hilt.serve.schemas import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
 
 log = logging.getLogger("hilt.serve")
-BOS, EOS = "<BOS>", "<EOS>"  # hilt.tokenizer.SPECIAL_TOKENS: every HILT tokenizer has them
+BOS, EOS = "<BOS>", "<EOS>"  # hilt.data.tokenizer.SPECIAL_TOKENS: every HILT tokenizer has them
 STATIC = Path(__file__).parent / "static"
 # the page loads only its own files: no inline script, nothing from elsewhere
 PAGE_POLICY = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
@@ -56,7 +56,7 @@ class AppSettings:
 class Loaded:
     """What ``load`` returns: a started engine, its tokenizer, and facts about the model for /v1/models."""
 
-    engine: object  # hilt.engine.Engine (not imported here: this module stays free of torch)
+    engine: object  # hilt.generation.engine.Engine (not imported here: this module stays free of torch)
     tokenizer: object
     info: dict  # architecture, parameters, device, dtype
     created: int = 0  # the checkpoint's modification time

@@ -14,7 +14,7 @@ from contextlib import aclosing
 from fastapi import Request
 from jinja2 import TemplateError
 
-from hilt.engine import Output
+from hilt.generation.engine import Output
 from hilt.serve.chat import ChatTemplate
 from hilt.serve.dispatch import (
     check_limits,

@@ -19,7 +19,7 @@ from contextlib import aclosing
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from hilt.engine import EngineClosed, EngineError, Output, QueueFull, SamplingParams
+from hilt.generation.engine import EngineClosed, EngineError, Output, QueueFull, SamplingParams
 from hilt.serve.errors import APIError, overloaded
 from hilt.serve.schemas import MAX_SEED, Usage
 

@@ -42,7 +42,7 @@ class ServeConfig:
     device: str = "auto"
     amp: bool = True
     log_level: str = "info"
-    threads: int | None = None  # torch's CPU threads; None = the decode thread picks (hilt.threads)
+    threads: int | None = None  # torch's CPU threads; None = the decode thread picks (hilt.generation.threads)
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -103,9 +103,9 @@ class _Server(uvicorn.Server):
 
 def load_engine(cfg: ServeConfig):
     """What the app's background loader runs: model, tokenizer and a started engine."""
-    from hilt.checkpoint import load_model_and_tokenizer
+    from hilt.checkpoint.store import load_model_and_tokenizer
     from hilt.device import autocast_dtype, resolve_device, set_cpu_threads
-    from hilt.engine import Engine
+    from hilt.generation.engine import Engine
     from hilt.serve.app import Loaded
 
     set_cpu_threads(cfg.threads)  # an explicit --threads holds for the whole server process
@@ -118,7 +118,7 @@ def load_engine(cfg: ServeConfig):
         max_slots=cfg.max_batch,
         compute_dtype=dtype,
         max_queue=cfg.max_queue,
-        threads=cfg.threads or "auto",  # no --threads: the decode thread picks (hilt.threads)
+        threads=cfg.threads or "auto",  # no --threads: the decode thread picks (hilt.generation.threads)
     )
     engine.start()
     c = model.config
@@ -153,7 +153,7 @@ def run_server(cfg: ServeConfig) -> None:
         raise UserError(f"--model_path not found: {cfg.model_path}")
     from hilt.serve.app import AppSettings, create_app
     from hilt.serve.chat import ChatTemplate
-    from hilt.tokenizer import SPECIAL_TOKENS
+    from hilt.data.tokenizer import SPECIAL_TOKENS
 
     _, bos, eos = SPECIAL_TOKENS
     template = ChatTemplate.load(cfg.chat_template, bos, eos)

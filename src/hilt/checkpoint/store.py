@@ -123,10 +123,10 @@ def load_model_and_tokenizer(path: str | Path, device: torch.device, requested: 
     """(model in eval mode on ``device``, the tokenizer it was trained with, the checkpoint dict): what
     generation, evaluation and inspection start from. ``path`` is a checkpoint or a folder written by
     ``hilt export``; ``requested`` are architecture flags the user gave (see ``check_compatible``)."""
-    from hilt.tokenizer import Tokenizer
+    from hilt.data.tokenizer import Tokenizer
 
     if Path(path).is_dir():
-        from hilt.exported import load_exported  # json + safetensors: no transformers import (seconds)
+        from hilt.checkpoint.exported import load_exported  # json + safetensors: no transformers import (seconds)
 
         model, tokenizer, ckpt = load_exported(path, device)
         check_compatible(ckpt, model.config, path, requested=requested)

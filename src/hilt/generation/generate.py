@@ -5,7 +5,7 @@ Every decoder reads the model through one ``_Context``: the next-token logits of
 taken either from a KV cache (one new token per step) or by recomputing the whole window. Both ways read the
 same window of tokens (``context_start``), so cached and uncached decoding produce the same tokens.
 
-    from hilt.generate import generate
+    from hilt.generation.generate import generate
     out = generate(model, ids, 50, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
 """
 
@@ -19,8 +19,8 @@ from typing import TextIO
 import torch
 import torch.nn.functional as F
 
-from hilt.decoding import cache_dtype, decoding_weights, without_onednn
-from hilt.generation_config import GenerationConfig  # noqa: F401 (re-exported)
+from hilt.generation.decoding import cache_dtype, decoding_weights, without_onednn
+from hilt.generation.config import GenerationConfig  # noqa: F401 (re-exported)
 from hilt.model import HierarchicalTransformer
 from hilt.model.kernels import greedy_tokens
 from hilt.model.kv_cache import KVCache
@@ -366,7 +366,7 @@ class TextStreamer:
 
 def load_for_generation(cfg: GenerationConfig, device: torch.device):
     """Model (eval mode, on ``device``) and the tokenizer it was trained with, from ``cfg.model_path``."""
-    from hilt.checkpoint import load_model_and_tokenizer
+    from hilt.checkpoint.store import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(
         cfg.model_path, device, requested={"d_model": cfg.model_dim}
@@ -386,13 +386,13 @@ def run_generation(cfg: GenerationConfig, out: TextIO | None = None) -> list[str
 
 def _run_generation(cfg: GenerationConfig, out: TextIO | None) -> list[str]:
     if cfg.prompts_file is not None:
-        from hilt.prompts_file import run_prompts_file
+        from hilt.generation.prompts_file import run_prompts_file
 
         return run_prompts_file(cfg)
     out = out or sys.stdout
     from hilt.device import autocast_dtype, cpu_threads, resolve_device
-    from hilt.engine import Engine, SamplingParams
-    from hilt.threads import threads_that_fit
+    from hilt.generation.engine import Engine, SamplingParams
+    from hilt.generation.threads import threads_that_fit
 
     device = resolve_device(cfg.device)
     model, tokenizer = load_for_generation(cfg, device)
@@ -434,7 +434,7 @@ def _run_generation(cfg: GenerationConfig, out: TextIO | None) -> list[str]:
         tokenizer,
         max_slots=min(cfg.num_samples, cfg.max_slots),
         compute_dtype=compute_dtype,
-        threads=cfg.threads or "auto",  # no --threads: the decode thread picks (hilt.threads)
+        threads=cfg.threads or "auto",  # no --threads: the decode thread picks (hilt.generation.threads)
     ) as engine:
         requests = [
             engine.submit(

@@ -69,7 +69,7 @@ def history_panels(stats: dict) -> list[tuple[str, np.ndarray]]:
 
 def save_history_heatmap(stats: dict, path: str | Path, title: str = "") -> None:
     """One panel per stream: the modules' (rows) attention over the sources (columns), averaged over tokens."""
-    from hilt.plot import pyplot
+    from hilt.evaluation.plot import pyplot
 
     plt = pyplot()
     panels = history_panels(stats)
@@ -99,7 +99,7 @@ def save_heatmap(stats: dict, path: str | Path, title: str = "") -> None:
     """One panel per (ILT, inner layer): its (W, W) attention weights, annotated."""
     if "static" in stats:
         return save_history_heatmap(stats, path, title)
-    from hilt.plot import pyplot
+    from hilt.evaluation.plot import pyplot
 
     plt = pyplot()
     n_ilts, n_inner = len(stats["attn"]), len(stats["attn"][0])
@@ -133,7 +133,7 @@ def save_heatmap(stats: dict, path: str | Path, title: str = "") -> None:
 def run_inspect(
     model_path: str, prompt: str, out: str, device: str = "auto", modulation_scale: float | None = None
 ) -> dict:
-    from hilt.checkpoint import load_model_and_tokenizer
+    from hilt.checkpoint.store import load_model_and_tokenizer
     from hilt.device import resolve_device
 
     torch_device = resolve_device(device)

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Collection
 
 from hilt.errors import UserError
-from hilt.serve.cli import add_serve, add_threads, cmd_serve
+from hilt.cli.serve import add_serve, add_threads, cmd_serve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -220,7 +220,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from hilt.train import TrainConfig, run_training
+    from hilt.training.run import TrainConfig, run_training
 
     # every TrainConfig field is a flag of the same name (test_cli checks it), so the two cannot drift apart
     settings = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "amp"}
@@ -244,8 +244,8 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from hilt.token_cache import open_cache
-    from hilt.tokenizer import Tokenizer
+    from hilt.data.token_cache import open_cache
+    from hilt.data.tokenizer import Tokenizer
 
     if args.max_tokens < 0:
         raise UserError(f"--max_tokens must be >= 0, got {args.max_tokens}")
@@ -276,7 +276,7 @@ def add_vocab(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_vocab(args: argparse.Namespace) -> int:
-    from hilt.tokenizer import SPECIAL_TOKENS, Tokenizer
+    from hilt.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 
     tok = Tokenizer.load(args.tokenizer)
     print(f"Tokenizer: {tok.name}")
@@ -348,7 +348,7 @@ def add_generate(p: argparse.ArgumentParser) -> None:
         default=None,
         help="accepted for compatibility; the checkpoint sets the architecture, a different value is an error",
     )
-    g = p.add_argument_group("batch mode (hilt.engine; docs/generation.md#batched-engine)")
+    g = p.add_argument_group("batch mode (hilt.generation.engine; docs/generation.md#batched-engine)")
     g.add_argument(
         "--prompts_file",
         default=None,
@@ -366,16 +366,16 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from hilt.generation_config import GenerationConfig
+    from hilt.generation.config import GenerationConfig
 
     settings = {f.name: getattr(args, f.name) for f in fields(GenerationConfig) if f.name != "amp"}
     cfg = GenerationConfig(**settings, amp=not args.no_amp)
     if cfg.prompts_file is not None:
-        from hilt.prompts_file import run_prompts_file
+        from hilt.generation.prompts_file import run_prompts_file
 
         run_prompts_file(cfg)  # checks the file and --out before it imports torch
         return 0
-    from hilt.generate import run_generation
+    from hilt.generation.generate import run_generation
 
     run_generation(cfg)
     return 0
@@ -421,7 +421,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hilt.evaluate import run_eval
+    from hilt.evaluation.evaluate import run_eval
 
     run_eval(
         args.model_path,
@@ -448,7 +448,7 @@ def add_plot(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from hilt.plot import run_plot
+    from hilt.evaluation.plot import run_plot
 
     run_plot(args.runs, args.out)
     return 0
@@ -474,7 +474,7 @@ def add_inspect(p: argparse.ArgumentParser) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import math
 
-    from hilt.ilt_stats import run_inspect
+    from hilt.evaluation.inspect import run_inspect
 
     if args.modulation_scale is not None and not math.isfinite(args.modulation_scale):
         raise UserError(f"--modulation_scale must be a finite number, got {args.modulation_scale}")
@@ -503,7 +503,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # name -> (add flags, run, help). Other modules add rows here as the toolkit grows; a subpackage keeps its own
-# flags (hilt/serve/cli.py).
+# flags (hilt/cli/serve.py).
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (add_train, cmd_train, "train a model on a text file"),
     "vocab": (add_vocab, cmd_vocab, "print the tokenizer's vocabulary facts"),

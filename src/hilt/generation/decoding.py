@@ -119,7 +119,7 @@ def lowered_copy(
 
 
 # --- the decoding copy, kept between calls -------------------------------------------------------------------
-# Whoever decodes (hilt.engine.Engine, hilt.generate) asks for the copy with ``decoding_weights``; it is kept per
+# Whoever decodes (hilt.generation.engine.Engine, hilt.generation.generate) asks for the copy with ``decoding_weights``; it is kept per
 # model and dtype while the model's matrices keep their values. How a stale copy is noticed, without torch's
 # private Tensor._version and without any process-wide hook:
 # - load_state_dict on the model bumps the model's own counter (a post-hook registered on that model when it is
@@ -213,7 +213,7 @@ def onednn_disabled() -> Iterator[None]:
 
     Not thread-safe: ``torch.backends.mkldnn.enabled`` is one flag for the whole process, so every thread's
     matmuls run without oneDNN meanwhile, and two threads entering and leaving in an interleaved order can leave
-    it off. Apply it only on the thread that owns the decoding loop (``hilt.engine.Engine`` has one decode thread
+    it off. Apply it only on the thread that owns the decoding loop (``hilt.generation.engine.Engine`` has one decode thread
     and applies it there), never around work another thread may be doing."""
     before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False

@@ -1,6 +1,6 @@
 """The batched generation engine: one model decoding many requests together, with continuous batching.
 
-    from hilt.engine import Engine, SamplingParams
+    from hilt.generation.engine import Engine, SamplingParams
     with Engine(model, tokenizer, max_slots=16, compute_dtype=torch.bfloat16) as engine:
         req = engine.submit(tokenizer.encode("ROMEO:"), SamplingParams(max_new_tokens=40, temperature=0.8, seed=0))
         for out in req:                       # or: async for out in req.aiter()
@@ -16,7 +16,7 @@ finished. A request joins between two steps and leaves the step it finishes, so 
 a long one. Running rows stay packed in slots 0..n-1 (a finishing row's slot is refilled by moving the last row's
 cache), so the decoding call reads views of the cache, never gathered copies.
 
-Exactness. Every row reads the same window of tokens that ``hilt.generate`` reads for that sequence alone
+Exactness. Every row reads the same window of tokens that ``hilt.generation.generate`` reads for that sequence alone
 (``context_start``: past ``max_seq_len`` the window slides, and a slide re-prefills only that row), with the same
 weights (``decoding_weights``) and the same sampling code on its own (1, V) logits. Batched matrix products
 sum in other orders than single-row ones, so logits agree to float rounding, not bit for bit; greedy and seeded
@@ -26,7 +26,7 @@ Process-wide switches (the oneDNN switch for single-token steps) are applied onl
 keeps worker threads per thread that ran parallel operators; the engine ends the caller's when it starts and at
 each submit, and the decode thread's whenever it runs dry (``hilt.device.release_openmp_workers``: with two pools
 alive on a small machine every parallel operator of a step wakes a sleeping worker). ``threads="auto"`` lets the
-decode thread pick its own torch thread count and change it as the machine's load changes (``hilt.threads``: one
+decode thread pick its own torch thread count and change it as the machine's load changes (``hilt.generation.threads``: one
 thread per core collapses when other work holds the cores).
 """
 
@@ -42,13 +42,13 @@ from dataclasses import dataclass, field
 import torch
 
 from hilt import memory
-from hilt.decoding import cache_dtype, decoding_weights, without_onednn
+from hilt.generation.decoding import cache_dtype, decoding_weights, without_onednn
 from hilt.device import release_openmp_workers
-from hilt.generate import TextStreamer, context_start, sample_next_token
+from hilt.generation.generate import TextStreamer, context_start, sample_next_token
 from hilt.model import HierarchicalTransformer
 from hilt.model.kernels import greedy_tokens
 from hilt.model.kv_cache import SlotCache
-from hilt.request import (  # noqa: F401 (re-exported: the engine's public API)
+from hilt.generation.request import (  # noqa: F401 (re-exported: the engine's public API)
     FINISH_REASONS,
     MAX_LOGPROBS,
     EngineClosed,
@@ -59,7 +59,7 @@ from hilt.request import (  # noqa: F401 (re-exported: the engine's public API)
     Result,
     SamplingParams,
 )
-from hilt.threads import DecodeThreads
+from hilt.generation.threads import DecodeThreads
 
 
 @dataclass(eq=False)
@@ -102,12 +102,12 @@ class Engine:
 
     ``max_slots`` rows of KV cache are allocated at ``start`` (fewer when ``cache_memory`` bytes cannot hold
     that many full windows); ``max_queue`` requests may wait beyond them before ``submit`` raises ``QueueFull``.
-    ``compute_dtype`` (e.g. torch.bfloat16) runs the matrix products in that precision as ``hilt.generate``
+    ``compute_dtype`` (e.g. torch.bfloat16) runs the matrix products in that precision as ``hilt.generation.generate``
     does; None keeps the model's. ``prefill_tokens`` bounds the prompt tokens prefilled per step, so that a
     burst of new prompts delays the running rows by a bounded amount (one prompt longer than it still goes
     whole, in a call of its own). ``threads``: torch's thread count on the decode thread; None keeps the
     process's setting (``torch.set_num_threads`` before ``start``), ``"auto"`` picks one up to that setting and
-    changes it as the load changes (``hilt.threads``), an int fixes it.
+    changes it as the load changes (``hilt.generation.threads``), an int fixes it.
     """
 
     def __init__(
@@ -451,7 +451,7 @@ class Engine:
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)  # (d, 1)
         self.cache.bind(list(range(d)), [1] * d, fresh=False)
         with without_onednn(self.device, d):
-            if d == 1:  # the single-sequence path of hilt.generate: the position comes from the cache
+            if d == 1:  # the single-sequence path of hilt.generation.generate: the position comes from the cache
                 hidden = self.decoder.features(ids, cache=self.cache)
             else:
                 hidden = self.decoder.features(
@@ -466,7 +466,7 @@ class Engine:
         self._sample_and_emit(rows, logits)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, C) -> (B, V) fp32, as hilt.generate computes it."""
+        """(B, C) -> (B, V) fp32, as hilt.generation.generate computes it."""
         return self.head(hidden).float()
 
     def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> None:

@@ -1,5 +1,5 @@
 """A folder written by ``hilt export`` -> the HILT model, its tokenizer and what its checkpoint knew: what every
-command that takes ``--model_path`` uses when it is given a folder (see ``hilt.checkpoint.load_model_and_tokenizer``).
+command that takes ``--model_path`` uses when it is given a folder (see ``hilt.checkpoint.store.load_model_and_tokenizer``).
 
 Reads config.json, model.safetensors, hilt_checkpoint.json and the tokenizer with json, safetensors and torch only:
 transformers (seconds to import, and optional) is not needed to use an exported model from HILT.
@@ -21,14 +21,14 @@ META_FILE = "hilt_checkpoint.json"  # the checkpoint's keys besides config and w
 
 def load_exported(path: str | Path, device: torch.device):
     """(model in eval mode on ``device``, its hilt Tokenizer, a checkpoint-like dict) from a folder written by
-    ``export``: the same return as ``hilt.checkpoint.load_model_and_tokenizer``. The dict holds ``config``,
+    ``export``: the same return as ``hilt.checkpoint.store.load_model_and_tokenizer``. The dict holds ``config``,
     ``tokenizer`` (the returned tokenizer's identity) and, when the folder records them, ``val_loss``,
     ``global_step``, ``train_config`` and the other keys of hilt_checkpoint.json. Needs no transformers."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from hilt.model import HierarchicalTransformer
-    from hilt.tokenizer import Tokenizer
+    from hilt.data.tokenizer import Tokenizer
 
     folder = Path(path)
     values = read_json(folder / "config.json", folder)

@@ -1,7 +1,7 @@
 """``hilt plot RUN_DIR [RUN_DIR ...]``: training curves from each run's metrics.jsonl as one PNG, runs overlaid.
 
 Panels: train loss (per step) and validation loss (per epoch); perplexity; learning rate; gradient norm; and, when
-the runs logged them, the ILT statistics of ``hilt.ilt_stats`` (modulation-to-output ratio and the newest layer's
+the runs logged them, the ILT statistics of ``hilt.evaluation.inspect`` (modulation-to-output ratio and the newest layer's
 attention to the previous one, per ILT). The x axis is the optimizer step.
 """
 
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from hilt.errors import UserError
-from hilt.metrics import perplexity
+from hilt.training.metrics import perplexity
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hilt.errors import UserError
-from hilt.request import SamplingParams
+from hilt.generation.request import SamplingParams
 
 if TYPE_CHECKING:
-    from hilt.generation_config import GenerationConfig
+    from hilt.generation.config import GenerationConfig
 
 
 # what a .jsonl record may carry besides "prompt": an "id" copied to its result, and SamplingParams' fields
@@ -54,7 +54,7 @@ def run_prompts_file(cfg: GenerationConfig) -> list[str]:
     done = read_finished_rows(cfg, records)
     # torch from here on: everything a user can get wrong in the two files has been said
     from hilt.device import autocast_dtype, cpu_threads, resolve_device
-    from hilt.generate import load_for_generation
+    from hilt.generation.generate import load_for_generation
 
     with cpu_threads(cfg.threads):  # an explicit --threads holds for this command, not after it
         device = resolve_device(cfg.device)
@@ -84,7 +84,7 @@ def read_prompts_file(cfg: GenerationConfig) -> list[PromptRecord]:
             try:
                 fields = json.loads(line)
             except json.JSONDecodeError as e:
-                from hilt.corpus import json_error  # e.msg alone can end mid-sentence
+                from hilt.data.corpus import json_error  # e.msg alone can end mid-sentence
 
                 raise UserError(f"{where}: not a JSON record: {json_error(e)}") from None
             if not isinstance(fields, dict) or not isinstance(fields.get("prompt"), str):
@@ -168,7 +168,7 @@ def generate_rows(
     done the file is rewritten in input order."""
     from tqdm import tqdm
 
-    from hilt.engine import Engine
+    from hilt.generation.engine import Engine
     from hilt.files import atomic_write
 
     out_path = Path(cfg.out)

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from hilt.corpus import Corpus, Piece
+from hilt.data.corpus import Corpus, Piece
 from hilt.errors import UserError
-from hilt.tokenizer import Tokenizer, gpt2_files_dir
+from hilt.data.tokenizer import Tokenizer, gpt2_files_dir
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # every kind of regex piece, special tokens, unicode whitespace and scripts: both encoders must agree on it

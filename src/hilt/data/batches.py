@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hilt.corpus import Corpus, check_text_head, decode_counting
-from hilt.encode import token_dtype, tokenize_corpus
+from hilt.data.corpus import Corpus, check_text_head, decode_counting
+from hilt.data.encode import token_dtype, tokenize_corpus
 from hilt.errors import UserError
-from hilt.tokenizer import Tokenizer
+from hilt.data.tokenizer import Tokenizer
 
 __all__ = [
     "TokenBatches",
@@ -80,7 +80,7 @@ def corpus_tokens(
     """The corpus' ids (memory-mapped from the token cache, built on first use; the first ``max_tokens`` when
     > 0) and the offsets of the documents that start within them. Under torch.distributed rank 0 builds the
     cache while the other ranks wait, then read it."""
-    from hilt.token_cache import open_cache
+    from hilt.data.token_cache import open_cache
 
     options = dict(
         tokenizer_dir=tokenizer_dir,

@@ -1,5 +1,5 @@
 """``hilt train``: the run's settings (``TrainConfig``) and the glue from them to a running ``Trainer``
-(hilt/trainer.py): tokenizer, data, model, resume, DDP under torchrun, the lock on ``--out_dir``, and signals.
+(hilt/training/trainer.py): tokenizer, data, model, resume, DDP under torchrun, the lock on ``--out_dir``, and signals.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from hilt import distributed
-from hilt.checkpoint import (
+from hilt.training import distributed
+from hilt.checkpoint.store import (
     CHECKPOINT_NAMES,
     check_compatible,
     check_same_data,
@@ -28,14 +28,14 @@ from hilt.checkpoint import (
     model_from_checkpoint,
     remove_stale_temporaries,
 )
-from hilt.data import TokenBatches, train_val_tokens
+from hilt.data.batches import TokenBatches, train_val_tokens
 from hilt.errors import UserError
-from hilt.loss import LanguageModelLoss
+from hilt.training.loss import LanguageModelLoss
 from hilt.model import HierarchicalTransformer, ModelConfig
-from hilt.schedule import SCHEDULERS
-from hilt.token_cache import ids_digest
-from hilt.tokenizer import Tokenizer
-from hilt.trainer import Trainer, TrainingDiverged, TrainingInterrupted, build_optimizer  # noqa: F401 (re-exported)
+from hilt.training.schedule import SCHEDULERS
+from hilt.data.token_cache import ids_digest
+from hilt.data.tokenizer import Tokenizer
+from hilt.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted, build_optimizer  # noqa: F401 (re-exported)
 
 try:
     import fcntl

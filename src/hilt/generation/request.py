@@ -1,5 +1,5 @@
 """What a caller of the engine holds: ``SamplingParams`` in, a ``Request`` to iterate (``Output`` per new token) or
-wait on (``Result``), and the engine's exceptions. ``hilt.engine`` re-exports all of them.
+wait on (``Result``), and the engine's exceptions. ``hilt.generation.engine`` re-exports all of them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hilt.engine import Engine
+    from hilt.generation.engine import Engine
 
 
 FINISH_REASONS = ("stop", "length", "cancelled")

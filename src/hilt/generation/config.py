@@ -1,6 +1,6 @@
 """``GenerationConfig``: the settings of ``hilt generate``, checked on creation. Plain Python without torch, so
 that the CLI finds a mistake in the flags or in a prompts file in milliseconds, before torch (seconds) imports
-and the model loads; ``hilt.generate`` re-exports it.
+and the model loads; ``hilt.generation.generate`` re-exports it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class GenerationConfig:
     out: str | None = None  # batch mode: the results, one JSON record per prompt
     resume: bool = False  # batch mode: keep the finished rows of --out and run the rest
     max_slots: int = 16  # sequences decoded together
-    threads: int | None = None  # torch's CPU threads; None = the decode thread picks (hilt.threads)
+    threads: int | None = None  # torch's CPU threads; None = the decode thread picks (hilt.generation.threads)
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature < math.inf:  # also refuses NaN

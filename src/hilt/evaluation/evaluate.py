@@ -7,7 +7,7 @@ shorter than ``stride`` that fills no window is left out, exactly as in training
 ``stride == seq_len`` the windows are the trainer's validation windows, so ``hilt eval --split val`` reproduces the
 validation loss the training run recorded (same tokens, same modulation scale, same precision).
 
-The loss comes from the final hidden states through ``hilt.loss.HeadLoss``, the exact loss training's validation
+The loss comes from the final hidden states through ``hilt.training.loss.HeadLoss``, the exact loss training's validation
 computes too: a few hundred tokens' logits at a time, in buffers reused for the whole run. The full (B, T, 50,260)
 fp32 logits of a batch (412 MB at 32 x 64) were faulted in afresh every batch and then read and written twice more
 by the log-softmax (docs/performance.md, "Evaluation speed").
@@ -23,14 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hilt.checkpoint import load_model_and_tokenizer
-from hilt.data import tokenize_file, train_val_tokens
+from hilt.checkpoint.store import load_model_and_tokenizer
+from hilt.data.batches import tokenize_file, train_val_tokens
 from hilt.device import autocast_dtype, resolve_device
 from hilt.errors import UserError
-from hilt.loss import HeadLoss
-from hilt.metrics import perplexity
+from hilt.training.loss import HeadLoss
+from hilt.training.metrics import perplexity
 from hilt.model import HierarchicalTransformer
-from hilt.tokenizer import Tokenizer
+from hilt.data.tokenizer import Tokenizer
 
 SPLITS = ("all", "train", "val")
 

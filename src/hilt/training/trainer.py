@@ -4,8 +4,8 @@ validation, and checkpoints that resume exactly.
 The ``Trainer`` knows nothing about tokenizers or files: it gets a model (optionally wrapped, e.g. in DDP), two
 ``TokenBatches`` and a ``TrainConfig``. Nor does it know how ILTs train: it passes the model its training progress,
 as it passes the LR schedule its step, and the model's curriculum turns that into a modulation scale. Its one
-look at the ILTs is a diagnostic, logging ``hilt.ilt_stats`` every ``--ilt_stats_every`` steps.
-``hilt.train.run_training`` is the glue the CLI calls.
+look at the ILTs is a diagnostic, logging ``hilt.evaluation.inspect`` every ``--ilt_stats_every`` steps.
+``hilt.training.run.run_training`` is the glue the CLI calls.
 """
 
 from __future__ import annotations
@@ -23,24 +23,24 @@ from torch import nn
 from tqdm import tqdm
 
 from hilt import memory
-from hilt.checkpoint import (
+from hilt.checkpoint.store import (
     FORMAT_VERSION,
     atomic_save,
     capture_rng_state,
     data_fingerprint,
     resume_position,
 )
-from hilt.data import TokenBatches
+from hilt.data.batches import TokenBatches
 from hilt.device import autocast_dtype
-from hilt.distributed import any_rank, mean_over_ranks
+from hilt.training.distributed import any_rank, mean_over_ranks
 from hilt.errors import UserError
-from hilt.loss import HeadLoss, LanguageModelLoss
-from hilt.metrics import MetricsLog, perplexity
+from hilt.training.loss import HeadLoss, LanguageModelLoss
+from hilt.training.metrics import MetricsLog, perplexity
 from hilt.model import HierarchicalTransformer
-from hilt.schedule import lr_factor
+from hilt.training.schedule import lr_factor
 
 if TYPE_CHECKING:
-    from hilt.train import TrainConfig
+    from hilt.training.run import TrainConfig
 
 
 class TrainingDiverged(UserError):

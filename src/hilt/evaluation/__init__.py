@@ -1,0 +1,3 @@
+"""Evaluation: held-out loss and bits per byte (``evaluate``), what the ILTs do (``inspect``), training curves
+(``plot``).
+"""
