@@ -74,11 +74,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from hilt.data.batches import TokenBatches, train_val_tokens
+from hilt.data.tokenizer import Tokenizer
 from hilt.evaluation.inspect import ilt_stats
+from hilt.evaluation.plot import pyplot
 from hilt.model import HierarchicalTransformer, ModelConfig
 from hilt.model.flops import forward_flops_per_token, training_flops_per_token
-from hilt.evaluation.plot import pyplot
-from hilt.data.tokenizer import Tokenizer
 from hilt.training.run import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -474,8 +474,8 @@ def step_times(base: dict, arms: list[Arm], args) -> list[dict]:
     """Training step time of every arm with bench.py's method: forward + backward + clip + AdamW on one fixed
     batch, the arms taking turns in a new random order every round, freed memory kept as train.py keeps it,
     median over ``args.step_times`` timed rounds after 3 untimed ones."""
-    from hilt.training.loss import LanguageModelLoss
     from hilt.memory import freed_memory_kept
+    from hilt.training.loss import LanguageModelLoss
 
     class CpuTimed(Contestant):
         """Also takes the step's CPU time on this thread: with one torch thread that is the step's own work,

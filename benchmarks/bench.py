@@ -34,14 +34,14 @@ import torch
 import torch.nn.functional as F
 from common import VOCAB, Contestant, cpu_kind, take_turns
 
-from hilt.generation.decoding import onednn_disabled
 from hilt.device import cpu_has_native_bf16
+from hilt.generation.decoding import onednn_disabled
 from hilt.generation.generate import generate
-from hilt.training.loss import LanguageModelLoss
 from hilt.memory import freed_memory_kept
 from hilt.model import HierarchicalTransformer, ModelConfig
 from hilt.model.flops import training_flops_per_token
 from hilt.model.linear import onednn_linear
+from hilt.training.loss import LanguageModelLoss
 
 REPO = Path(__file__).resolve().parents[1]
 

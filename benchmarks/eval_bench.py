@@ -31,8 +31,8 @@ from hilt import memory
 from hilt.data.batches import TokenBatches
 from hilt.device import autocast_dtype
 from hilt.evaluation.evaluate import evaluate_tokens
-from hilt.training.loss import CHUNK_ELEMENTS
 from hilt.model import HierarchicalTransformer, ModelConfig
+from hilt.training.loss import CHUNK_ELEMENTS
 from hilt.training.run import TrainConfig, Trainer
 
 

@@ -200,10 +200,10 @@ def hilt_api() -> SimpleNamespace:
     from hilt.checkpoint.store import load_model_and_tokenizer
     from hilt.cli import main as cli_main
     from hilt.generation.engine import Engine, SamplingParams
-    from hilt.model.flops import training_flops_per_token
     from hilt.generation.generate import generate
-    from hilt.training.loss import LanguageModelLoss
     from hilt.model import HierarchicalTransformer, ModelConfig
+    from hilt.model.flops import training_flops_per_token
+    from hilt.training.loss import LanguageModelLoss
     from hilt.training.run import TrainConfig, build_optimizer
 
     return SimpleNamespace(

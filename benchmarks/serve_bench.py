@@ -117,8 +117,8 @@ def demo_shaped_checkpoint(folder: Path) -> str:
     import torch
 
     from hilt.checkpoint.store import FORMAT_VERSION, atomic_save
-    from hilt.model import HierarchicalTransformer, ModelConfig
     from hilt.data.tokenizer import Tokenizer
+    from hilt.model import HierarchicalTransformer, ModelConfig
 
     torch.manual_seed(0)
     tok = Tokenizer.load()

@@ -45,8 +45,8 @@ def save_untrained_checkpoint(folder: Path, max_seq_len: int = 32) -> str:
     """A tiny untrained model (2 layers) with the real GPT-2 vocabulary, saved as the trainer saves it: what the
     generation, engine and server tests load."""
     from hilt.checkpoint.store import FORMAT_VERSION, atomic_save
-    from hilt.model import HierarchicalTransformer
     from hilt.data.tokenizer import Tokenizer
+    from hilt.model import HierarchicalTransformer
 
     torch.manual_seed(0)
     tok = Tokenizer.load()

@@ -6,8 +6,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from hilt.training import trainer as train_module
 from hilt.cli import main
+from hilt.training import trainer as train_module
 
 record_dir = sys.argv[1]
 writes: list[str] = []

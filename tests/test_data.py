@@ -18,8 +18,8 @@ from hilt.data.batches import (
     split_tokens,
     train_val_tokens,
 )
-from hilt.errors import UserError
 from hilt.data.tokenizer import Tokenizer
+from hilt.errors import UserError
 from tests.conftest import DATA_TXT
 
 TINY = ["--model_dim", "32", "--n_layers", "1", "--n_heads", "2", "--ilt_dim", "16", "--d_ff", "64"]

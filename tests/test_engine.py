@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from hilt.cli import main
+from hilt.data.tokenizer import Tokenizer
 from hilt.device import _openmp_runtimes, release_openmp_workers
 from hilt.generation.engine import Engine, EngineClosed, QueueFull, SamplingParams
 from hilt.generation.generate import generate
 from hilt.model import HierarchicalTransformer
 from hilt.model.kv_cache import SlotCache
-from hilt.data.tokenizer import Tokenizer
 from tests.conftest import save_untrained_checkpoint, tiny_config
 
 

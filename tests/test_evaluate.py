@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from hilt.cli import main
 from hilt.data.batches import TokenBatches
+from hilt.data.tokenizer import Tokenizer
 from hilt.evaluation.evaluate import HeadLoss, evaluate_tokens, run_eval, sliding_windows
 from hilt.model import HierarchicalTransformer, kernels
-from hilt.data.tokenizer import Tokenizer
 from hilt.training.run import TrainConfig, Trainer, run_training
 from tests.conftest import DATA_TXT, save_untrained_checkpoint, tiny_config
 

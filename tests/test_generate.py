@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hilt.cli import main
+from hilt.data.tokenizer import Tokenizer
 from hilt.generation.decoding import cache_dtype
 from hilt.generation.generate import (
     TextStreamer,
@@ -19,7 +20,6 @@ from hilt.generation.generate import (
 )
 from hilt.model import HierarchicalTransformer
 from hilt.model.kv_cache import KVCache
-from hilt.data.tokenizer import Tokenizer
 from tests.conftest import REPO, save_untrained_checkpoint, tiny_config
 
 

@@ -19,11 +19,11 @@ import hilt.model.config  # noqa: E402
 import hilt.model.ilts  # noqa: E402
 from hilt.checkpoint.store import FORMAT_VERSION, atomic_save, load_model_and_tokenizer  # noqa: E402
 from hilt.cli import main, subcommand_parsers  # noqa: E402
+from hilt.data.tokenizer import Tokenizer  # noqa: E402
 from hilt.generation.generate import generate  # noqa: E402
 from hilt.hf import HiltConfig, HiltForCausalLM  # noqa: E402
 from hilt.hf.export import HF_FILES, MODEL_FILES, PACKAGE, export  # noqa: E402
 from hilt.model import HierarchicalTransformer  # noqa: E402
-from hilt.data.tokenizer import Tokenizer  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 VOCAB = 50260

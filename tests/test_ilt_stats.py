@@ -137,8 +137,8 @@ def test_history_kind_stats_average_the_attention_over_sources():
 
 @pytest.mark.parametrize("kind", ["depth", "dense", "x0"])
 def test_history_kind_trains_resumes_evaluates_generates_and_inspects(tmp_path, capsys, monkeypatch, kind):
-    from hilt.training import run as train_module
     from hilt.checkpoint.store import load_checkpoint
+    from hilt.training import run as train_module
     from tests.conftest import DATA_TXT
 
     def train(out, *extra):

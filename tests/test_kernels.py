@@ -313,7 +313,9 @@ def test_a_packed_bf16_linear_gives_onednns_bits_and_follows_the_onednn_switch()
 
     def outputs(onednn: bool) -> tuple[list[torch.Tensor], bool]:
         before = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = onednn  # off: what hilt.generation.decoding.without_onednn does for one row
+        torch.backends.mkldnn.enabled = (
+            onednn  # off: what hilt.generation.decoding.without_onednn does for one row
+        )
         try:
             with torch.no_grad(), Ops() as ops:
                 out = [layer(x) for x in inputs]

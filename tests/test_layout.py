@@ -132,9 +132,13 @@ def test_nothing_rewrites_a_class_or_hooks_the_process_at_import():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign):
-                assert not any(isinstance(t, ast.Attribute) and t.attr == "__class__" for t in node.targets), name
+                assert not any(
+                    isinstance(t, ast.Attribute) and t.attr == "__class__" for t in node.targets
+                ), name
         for node in tree.body:  # statements that run at import
             call = node.value if isinstance(node, ast.Expr) else None
             if isinstance(call, ast.Call):
-                func = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+                func = (
+                    call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+                )
                 assert not func.startswith("register_"), f"{name} registers {func} at import"

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hilt.model import HierarchicalTransformer, linear
 from hilt.training import loss as loss_module
 from hilt.training.loss import LanguageModelLoss, chunked_cross_entropy
-from hilt.model import HierarchicalTransformer, linear
 from tests.conftest import tiny_config
 
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from hilt.cli import main
+from hilt.data.tokenizer import Tokenizer
 from hilt.errors import UserError
 from hilt.serve.chat import DEFAULT_TEMPLATE, ChatTemplate
-from hilt.data.tokenizer import Tokenizer
 from tests.conftest import REPO, save_untrained_checkpoint
 
 KEY = "test-key-123"

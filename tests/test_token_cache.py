@@ -12,9 +12,9 @@ import pytest
 import hilt.cli
 import hilt.data.token_cache
 from hilt.data.encode import token_dtype
-from hilt.errors import UserError
 from hilt.data.token_cache import open_cache
 from hilt.data.tokenizer import Tokenizer, gpt2_files_dir
+from hilt.errors import UserError
 from tests.conftest import DATA_TXT
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from hilt.errors import UserError
 from hilt.data.tokenizer import Tokenizer, gpt2_files_dir
+from hilt.errors import UserError
 
 
 @pytest.fixture(scope="module")

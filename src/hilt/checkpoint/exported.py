@@ -27,8 +27,8 @@ def load_exported(path: str | Path, device: torch.device):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from hilt.model import HierarchicalTransformer
     from hilt.data.tokenizer import Tokenizer
+    from hilt.model import HierarchicalTransformer
 
     folder = Path(path)
     values = read_json(folder / "config.json", folder)

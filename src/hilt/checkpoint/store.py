@@ -126,7 +126,9 @@ def load_model_and_tokenizer(path: str | Path, device: torch.device, requested: 
     from hilt.data.tokenizer import Tokenizer
 
     if Path(path).is_dir():
-        from hilt.checkpoint.exported import load_exported  # json + safetensors: no transformers import (seconds)
+        from hilt.checkpoint.exported import (
+            load_exported,  # json + safetensors: no transformers import (seconds)
+        )
 
         model, tokenizer, ckpt = load_exported(path, device)
         check_compatible(ckpt, model.config, path, requested=requested)

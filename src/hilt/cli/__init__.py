@@ -15,8 +15,8 @@ import argparse
 import sys
 from collections.abc import Callable, Collection
 
-from hilt.errors import UserError
 from hilt.cli.serve import add_serve, add_threads, cmd_serve
+from hilt.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):

@@ -16,8 +16,8 @@ import torch
 
 from hilt.data.corpus import Corpus, check_text_head, decode_counting
 from hilt.data.encode import token_dtype, tokenize_corpus
-from hilt.errors import UserError
 from hilt.data.tokenizer import Tokenizer
+from hilt.errors import UserError
 
 __all__ = [
     "TokenBatches",

@@ -25,8 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from hilt.data.corpus import Corpus, Piece
-from hilt.errors import UserError
 from hilt.data.tokenizer import Tokenizer, gpt2_files_dir
+from hilt.errors import UserError
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # every kind of regex piece, special tokens, unicode whitespace and scripts: both encoders must agree on it

@@ -38,10 +38,16 @@ from pathlib import Path
 import numpy as np
 
 from hilt.data.corpus import Corpus, default_cache_dir, file_sha256, resolve_sources, source_kind
-from hilt.data.encode import default_threads, encode_corpus, piece_encoder, token_dtype, uses_gpt2_pretokenizer
+from hilt.data.encode import (
+    default_threads,
+    encode_corpus,
+    piece_encoder,
+    token_dtype,
+    uses_gpt2_pretokenizer,
+)
+from hilt.data.tokenizer import Tokenizer
 from hilt.errors import UserError
 from hilt.files import atomic_write, write_error
-from hilt.data.tokenizer import Tokenizer
 
 CACHE_VERSION = 1
 _STALE_TMP_SECONDS = 600  # a build in progress rewrites its .tmp file constantly; older ones are leftovers

@@ -25,12 +25,12 @@ import torch
 
 from hilt.checkpoint.store import load_model_and_tokenizer
 from hilt.data.batches import tokenize_file, train_val_tokens
+from hilt.data.tokenizer import Tokenizer
 from hilt.device import autocast_dtype, resolve_device
 from hilt.errors import UserError
+from hilt.model import HierarchicalTransformer
 from hilt.training.loss import HeadLoss
 from hilt.training.metrics import perplexity
-from hilt.model import HierarchicalTransformer
-from hilt.data.tokenizer import Tokenizer
 
 SPLITS = ("all", "train", "val")
 

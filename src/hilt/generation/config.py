@@ -34,7 +34,9 @@ class GenerationConfig:
     out: str | None = None  # batch mode: the results, one JSON record per prompt
     resume: bool = False  # batch mode: keep the finished rows of --out and run the rest
     max_slots: int = 16  # sequences decoded together
-    threads: int | None = None  # torch's CPU threads; None = the decode thread picks (hilt.generation.threads)
+    threads: int | None = (
+        None  # torch's CPU threads; None = the decode thread picks (hilt.generation.threads)
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature < math.inf:  # also refuses NaN

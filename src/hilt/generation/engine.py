@@ -42,12 +42,9 @@ from dataclasses import dataclass, field
 import torch
 
 from hilt import memory
-from hilt.generation.decoding import cache_dtype, decoding_weights, without_onednn
 from hilt.device import release_openmp_workers
+from hilt.generation.decoding import cache_dtype, decoding_weights, without_onednn
 from hilt.generation.generate import TextStreamer, context_start, sample_next_token
-from hilt.model import HierarchicalTransformer
-from hilt.model.kernels import greedy_tokens
-from hilt.model.kv_cache import SlotCache
 from hilt.generation.request import (  # noqa: F401 (re-exported: the engine's public API)
     FINISH_REASONS,
     MAX_LOGPROBS,
@@ -60,6 +57,9 @@ from hilt.generation.request import (  # noqa: F401 (re-exported: the engine's p
     SamplingParams,
 )
 from hilt.generation.threads import DecodeThreads
+from hilt.model import HierarchicalTransformer
+from hilt.model.kernels import greedy_tokens
+from hilt.model.kv_cache import SlotCache
 
 
 @dataclass(eq=False)
@@ -451,7 +451,9 @@ class Engine:
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)  # (d, 1)
         self.cache.bind(list(range(d)), [1] * d, fresh=False)
         with without_onednn(self.device, d):
-            if d == 1:  # the single-sequence path of hilt.generation.generate: the position comes from the cache
+            if (
+                d == 1
+            ):  # the single-sequence path of hilt.generation.generate: the position comes from the cache
                 hidden = self.decoder.features(ids, cache=self.cache)
             else:
                 hidden = self.decoder.features(

@@ -19,8 +19,8 @@ from typing import TextIO
 import torch
 import torch.nn.functional as F
 
-from hilt.generation.decoding import cache_dtype, decoding_weights, without_onednn
 from hilt.generation.config import GenerationConfig  # noqa: F401 (re-exported)
+from hilt.generation.decoding import cache_dtype, decoding_weights, without_onednn
 from hilt.model import HierarchicalTransformer
 from hilt.model.kernels import greedy_tokens
 from hilt.model.kv_cache import KVCache

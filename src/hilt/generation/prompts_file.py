@@ -168,8 +168,8 @@ def generate_rows(
     done the file is rewritten in input order."""
     from tqdm import tqdm
 
-    from hilt.generation.engine import Engine
     from hilt.files import atomic_write
+    from hilt.generation.engine import Engine
 
     out_path = Path(cfg.out)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from hilt.errors import UserError
 from hilt.checkpoint.exported import META_FILE, load_exported  # noqa: F401 (load_exported: folder -> HILT, re-exported)
+from hilt.errors import UserError
 from hilt.hf import TRANSFORMERS
 from hilt.model.config import ModelConfig
 

@@ -42,7 +42,9 @@ class ServeConfig:
     device: str = "auto"
     amp: bool = True
     log_level: str = "info"
-    threads: int | None = None  # torch's CPU threads; None = the decode thread picks (hilt.generation.threads)
+    threads: int | None = (
+        None  # torch's CPU threads; None = the decode thread picks (hilt.generation.threads)
+    )
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -151,9 +153,9 @@ def _listen(host: str, port: int) -> socket.socket:
 def run_server(cfg: ServeConfig) -> None:
     if not Path(cfg.model_path).exists():
         raise UserError(f"--model_path not found: {cfg.model_path}")
+    from hilt.data.tokenizer import SPECIAL_TOKENS
     from hilt.serve.app import AppSettings, create_app
     from hilt.serve.chat import ChatTemplate
-    from hilt.data.tokenizer import SPECIAL_TOKENS
 
     _, bos, eos = SPECIAL_TOKENS
     template = ChatTemplate.load(cfg.chat_template, bos, eos)

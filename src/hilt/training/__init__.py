@@ -1,2 +1,1 @@
-"""Training: the run's settings and glue (``run``), the ``Trainer``, the loss, the LR schedule, DDP and the metrics log.
-"""
+"""Training: the run's settings and glue (``run``), the ``Trainer``, the loss, the LR schedule, DDP and the metrics log."""

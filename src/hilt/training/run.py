@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from hilt.training import distributed
 from hilt.checkpoint.store import (
     CHECKPOINT_NAMES,
     check_compatible,
@@ -29,12 +28,13 @@ from hilt.checkpoint.store import (
     remove_stale_temporaries,
 )
 from hilt.data.batches import TokenBatches, train_val_tokens
-from hilt.errors import UserError
-from hilt.training.loss import LanguageModelLoss
-from hilt.model import HierarchicalTransformer, ModelConfig
-from hilt.training.schedule import SCHEDULERS
 from hilt.data.token_cache import ids_digest
 from hilt.data.tokenizer import Tokenizer
+from hilt.errors import UserError
+from hilt.model import HierarchicalTransformer, ModelConfig
+from hilt.training import distributed
+from hilt.training.loss import LanguageModelLoss
+from hilt.training.schedule import SCHEDULERS
 from hilt.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted, build_optimizer  # noqa: F401 (re-exported)
 
 try:

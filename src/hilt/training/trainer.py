@@ -32,11 +32,11 @@ from hilt.checkpoint.store import (
 )
 from hilt.data.batches import TokenBatches
 from hilt.device import autocast_dtype
-from hilt.training.distributed import any_rank, mean_over_ranks
 from hilt.errors import UserError
+from hilt.model import HierarchicalTransformer
+from hilt.training.distributed import any_rank, mean_over_ranks
 from hilt.training.loss import HeadLoss, LanguageModelLoss
 from hilt.training.metrics import MetricsLog, perplexity
-from hilt.model import HierarchicalTransformer
 from hilt.training.schedule import lr_factor
 
 if TYPE_CHECKING:
