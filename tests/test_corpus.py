@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from hilt.cli import main
-from hilt.data.corpus import Corpus, check_text_head, resolve_sources
+from hilt.data.corpus import Corpus
 from hilt.data.encode import piece_encoder, tokenize_corpus
+from hilt.data.sources import check_text_head, resolve_sources
 from hilt.data.tokenizer import Tokenizer, gpt2_files_dir
 from hilt.errors import UserError
 from tests.conftest import DATA_TXT

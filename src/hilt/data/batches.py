@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hilt.data.corpus import Corpus, check_text_head, decode_counting
+from hilt.data.corpus import Corpus, decode_counting
 from hilt.data.encode import token_dtype, tokenize_corpus
+from hilt.data.sources import check_text_head
 from hilt.data.tokenizer import Tokenizer
 from hilt.errors import UserError
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hilt.data.corpus import Corpus, default_cache_dir, file_sha256, resolve_sources, source_kind
+from hilt.data.corpus import Corpus
 from hilt.data.encode import (
     default_threads,
     encode_corpus,
@@ -45,6 +45,7 @@ from hilt.data.encode import (
     token_dtype,
     uses_gpt2_pretokenizer,
 )
+from hilt.data.sources import default_cache_dir, file_sha256, resolve_sources, source_kind
 from hilt.data.tokenizer import Tokenizer
 from hilt.errors import UserError
 from hilt.files import atomic_write, write_error

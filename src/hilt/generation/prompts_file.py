@@ -84,7 +84,7 @@ def read_prompts_file(cfg: GenerationConfig) -> list[PromptRecord]:
             try:
                 fields = json.loads(line)
             except json.JSONDecodeError as e:
-                from hilt.data.corpus import json_error  # e.msg alone can end mid-sentence
+                from hilt.data.sources import json_error  # e.msg alone can end mid-sentence
 
                 raise UserError(f"{where}: not a JSON record: {json_error(e)}") from None
             if not isinstance(fields, dict) or not isinstance(fields.get("prompt"), str):

@@ -1,23 +1,21 @@
 """A ``Trainer``'s checkpoint: what it writes (``trainer_state``) and how a resume puts it back
 (``restore_trainer``): model, optimizer, schedule, scaler, position in the data, best loss, history, RNG.
+Both take the ``Trainer`` as ``self``: they are its methods, kept apart to keep trainer.py readable in one sitting
+(and this module apart from the class it serves, so neither imports the other).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 from hilt.checkpoint.store import FORMAT_VERSION, capture_rng_state, resume_position
 from hilt.data.batches import data_fingerprint
 from hilt.training.metrics import perplexity
 from hilt.training.schedule import lr_factor
 
-if TYPE_CHECKING:
-    from hilt.training.trainer import Trainer
 
-
-def trainer_state(self: Trainer, train_loss: float | None = None) -> dict:
+def trainer_state(self, train_loss: float | None = None) -> dict:
     """Everything a resume needs, as one checkpoint dict (see hilt.checkpoint.store for the keys)."""
     stats = self.epoch_stats
     if train_loss is None:
@@ -48,7 +46,7 @@ def trainer_state(self: Trainer, train_loss: float | None = None) -> dict:
     }
 
 
-def restore_trainer(self: Trainer, ckpt: dict) -> None:
+def restore_trainer(self, ckpt: dict) -> None:
     """Restores everything a resume needs. If the batching changed since the checkpoint, training continues
     from the start of the next epoch instead of mid-epoch (the old position means nothing). With
     ``--new_data`` that next epoch is the new data's first, and the best validation loss is forgotten: it was
