@@ -12,7 +12,7 @@ import torch
 
 from hilt.cli import main
 from hilt.generation.engine import SamplingParams
-from hilt.generation.generate import sample_next_token
+from hilt.generation.sampling import sample_next_token
 from tests.conftest import DATA_TXT, save_untrained_checkpoint
 
 TOO_BIG_SEED = 2**64  # torch.Generator.manual_seed takes -2**63 .. 2**64 - 1

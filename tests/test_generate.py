@@ -7,14 +7,12 @@ import torch
 from hilt.cli import main
 from hilt.data.tokenizer import Tokenizer
 from hilt.generation.decoding import cache_dtype
-from hilt.generation.generate import (
+from hilt.generation.generate import beam_search, generate, stream_tokens
+from hilt.generation.sampling import (
     TextStreamer,
-    beam_search,
     context_start,
     draw,
-    generate,
     sample_next_token,
-    stream_tokens,
     top_k_filter,
     top_p_filter,
 )

@@ -375,7 +375,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         run_prompts_file(cfg)  # checks the file and --out before it imports torch
         return 0
-    from hilt.generation.generate import run_generation
+    from hilt.generation.run import run_generation
 
     run_generation(cfg)
     return 0

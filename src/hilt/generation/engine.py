@@ -44,7 +44,6 @@ import torch
 from hilt import memory
 from hilt.device import release_openmp_workers
 from hilt.generation.decoding import cache_dtype, decoding_weights, without_onednn
-from hilt.generation.generate import TextStreamer, context_start, sample_next_token
 from hilt.generation.request import (  # noqa: F401 (re-exported: the engine's public API)
     FINISH_REASONS,
     MAX_LOGPROBS,
@@ -56,6 +55,7 @@ from hilt.generation.request import (  # noqa: F401 (re-exported: the engine's p
     Result,
     SamplingParams,
 )
+from hilt.generation.sampling import TextStreamer, context_start, sample_next_token
 from hilt.generation.threads import DecodeThreads
 from hilt.model import HierarchicalTransformer
 from hilt.model.kernels import greedy_tokens
@@ -200,7 +200,7 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got one outside")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer")
-        request = Request(self, ids, params)
+        request = Request(self._cancelled, ids, params)
         request._on_finish = on_finish
         release_openmp_workers()  # the submitting thread's, if it ran parallel operators since (see start)
         with self._lock:

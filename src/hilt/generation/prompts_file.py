@@ -53,12 +53,14 @@ def run_prompts_file(cfg: GenerationConfig) -> list[str]:
     records = read_prompts_file(cfg)
     done = read_finished_rows(cfg, records)
     # torch from here on: everything a user can get wrong in the two files has been said
+    from hilt.checkpoint.store import load_model_and_tokenizer
     from hilt.device import autocast_dtype, cpu_threads, resolve_device
-    from hilt.generation.generate import load_for_generation
 
     with cpu_threads(cfg.threads):  # an explicit --threads holds for this command, not after it
         device = resolve_device(cfg.device)
-        model, tokenizer = load_for_generation(cfg, device)
+        model, tokenizer, _ = load_model_and_tokenizer(
+            cfg.model_path, device, requested={"d_model": cfg.model_dim}
+        )
         return generate_rows(cfg, records, done, model, tokenizer, autocast_dtype(device, cfg.amp))
 
 

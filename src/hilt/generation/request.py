@@ -11,11 +11,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from hilt.generation.engine import Engine
-
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 MAX_LOGPROBS = 5
@@ -121,12 +116,12 @@ class Request:
 
     _ids = itertools.count()
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams):
+    def __init__(self, on_cancel: Callable[[Request], None], prompt_ids: list[int], params: SamplingParams):
         self.id = next(self._ids)
         self.prompt_ids = prompt_ids
         self.params = params
         self.submitted_at = time.perf_counter()
-        self._engine = engine
+        self._on_cancel = on_cancel  # the engine's: frees the slot before its next step
         self._outputs: list[Output] = []
         self._cond = threading.Condition()
         # set (under _cond) when the request ends; result() waits on it, which the per-token notifications of
@@ -143,7 +138,7 @@ class Request:
     def cancel(self) -> None:
         """Ends the request with finish_reason "cancelled"; its slot is freed before the engine's next step."""
         if self._finish_with(Output(None, "", finish_reason="cancelled")):
-            self._engine._cancelled(self)
+            self._on_cancel(self)
 
     def _push(self, out: Output) -> bool:
         """Called by the decode thread; False once the request has ended (e.g. cancelled meanwhile)."""

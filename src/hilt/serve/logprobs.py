@@ -20,7 +20,7 @@ import torch
 
 from hilt.device import release_openmp_workers
 from hilt.generation.engine import Output
-from hilt.generation.generate import TextStreamer
+from hilt.generation.sampling import TextStreamer
 
 # one scoring pass at a time, on one thread: it shares the CPU with the decode thread, and one more OpenMP pool
 # is what that thread can bear (hilt.device.release_openmp_workers)
