@@ -43,7 +43,8 @@ import torch
 
 from hilt import memory
 from hilt.device import release_openmp_workers
-from hilt.generation.decoding import cache_dtype, decoding_weights, without_onednn
+from hilt.generation.decode_loop import DecodeLoop
+from hilt.generation.decoding import cache_dtype, decoding_weights
 from hilt.generation.request import (  # noqa: F401 (re-exported: the engine's public API)
     FINISH_REASONS,
     MAX_LOGPROBS,
@@ -55,32 +56,10 @@ from hilt.generation.request import (  # noqa: F401 (re-exported: the engine's p
     Result,
     SamplingParams,
 )
-from hilt.generation.sampling import TextStreamer, context_start, sample_next_token
+from hilt.generation.rows import Row
 from hilt.generation.threads import DecodeThreads
 from hilt.model import HierarchicalTransformer
-from hilt.model.kernels import greedy_tokens
 from hilt.model.kv_cache import SlotCache
-
-
-@dataclass(eq=False)
-class _Row:
-    """A request's decoding state, owned by the decode thread."""
-
-    request: Request
-    tokens: list[int]  # prompt + generated so far
-    generator: torch.Generator | None
-    streamer: TextStreamer | None
-    stop_ids: frozenset[int]
-    slot: int = -1
-    start: int = -1  # the window start the slot's cache was computed for; -1 = nothing cached yet
-    generated: int = 0
-    held: str = ""  # text not yet sent: it could be the start of a stop string
-    first_token_at: float | None = None
-    ready: bool = False  # the slot holds the window up to the last token but one: the next step decodes
-
-    def window_start(self, max_seq_len: int) -> int:
-        return context_start(len(self.tokens), max_seq_len)
-
 
 # --- the engine ----------------------------------------------------------------------------------------------
 
@@ -97,7 +76,7 @@ class _Counters:
     finished: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0))
 
 
-class Engine:
+class Engine(DecodeLoop):
     """Decodes many requests together on one model (see the module docstring).
 
     ``max_slots`` rows of KV cache are allocated at ``start`` (fewer when ``cache_memory`` bytes cannot hold
@@ -144,7 +123,7 @@ class Engine:
         self.cache_bytes = self.n_slots * per_slot
         self.eos_id = getattr(tokenizer, "eos_id", None)
         self._waiting: deque[Request] = deque()
-        self._rows: list[_Row] = []  # the running rows, in slot order after each _pack
+        self._rows: list[Row] = []  # the running rows, in slot order after each _pack
         self._lock = threading.Condition()
         self._closing = False  # no new requests
         self._stopping = False  # the thread leaves its loop
@@ -304,245 +283,3 @@ class Engine:
                 self._waiting.remove(request)
             # a running request's slot is freed by the decode thread before its next step
             self._lock.notify_all()
-
-    # --- the decode thread ---
-
-    def _run(self) -> None:
-        self._threads = DecodeThreads(self.threads, self.device)
-        try:
-            with torch.inference_mode():
-                while self._next_batch():
-                    # only a step that prefills nothing is timed for the thread choice
-                    rows = len(self._rows) if all(r.ready for r in self._rows) else None
-                    self._threads.step(self._step, rows)
-        except BaseException as error:  # noqa: BLE001 - every request must hear about it, then it propagates
-            with self._lock:
-                self._error = error
-                leftover = list(self._waiting) + [r.request for r in self._rows]
-                self._waiting.clear()
-                self._rows.clear()
-                self._lock.notify_all()
-            for request in leftover:
-                request._finish_with(None, error)
-            raise
-        finally:
-            self._threads.close()
-
-    def _next_batch(self) -> bool:
-        """Waits for work; drops ended rows, admits waiting requests into free slots. False: time to stop."""
-        with self._lock:
-            while True:
-                self._rows = [r for r in self._rows if not self._ended(r)]
-                while self._waiting and len(self._rows) < self.n_slots:
-                    request = self._waiting.popleft()
-                    if not request.finished:
-                        self._rows.append(self._new_row(request))
-                if self._rows:
-                    return True
-                self._lock.notify_all()  # shutdown waits for the engine to run dry
-                if self._stopping:
-                    return False
-                release_openmp_workers()  # an idle engine holds none, so it slows no other thread's down
-                self._threads.idle()
-                self._lock.wait()
-
-    def _ended(self, row: _Row) -> bool:
-        if row.request.finished:
-            self.cache.free(row.slot)
-            return True
-        return False
-
-    def _new_row(self, request: Request) -> _Row:
-        p = request.params
-        generator = None
-        if p.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            if p.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(p.seed)
-        stop_ids = set(p.stop_token_ids)
-        if self.eos_id is not None and not p.ignore_eos:
-            stop_ids.add(self.eos_id)
-        streamer = TextStreamer(self.tokenizer) if self.tokenizer is not None else None
-        return _Row(request, list(request.prompt_ids), generator, streamer, frozenset(stop_ids))
-
-    def _step(self) -> None:
-        rows = self._rows
-        for row in rows:
-            if row.ready and row.window_start(self.max_seq_len) != row.start:
-                row.ready = False  # the window slid: re-read it from scratch, this row only
-        if not all(r.ready for r in rows) or rows[-1].slot != len(rows) - 1:
-            self._pack()  # someone left, joins or slid (otherwise the rows are packed already)
-        waiting = [r for r in rows if not r.ready]
-        decoding = [r for r in self._rows if r.ready]
-        # prefill first: a newly arrived request gets its first token without waiting for a decoding call
-        budget, chosen = self.prefill_tokens, []
-        for row in waiting:
-            n = len(row.tokens) - row.window_start(self.max_seq_len)
-            if chosen and n > budget:
-                break
-            chosen.append(row)
-            budget -= n
-        for group in self._prefill_groups(chosen):
-            self._prefill(group)
-        if decoding:
-            self._decode(decoding)
-        self._counters.steps += 1
-
-    def _pack(self) -> None:
-        """Slots 0..d-1 for the d rows whose cache continues, in slot order; the rows to prefill after them (their
-        slots' contents are about to be rewritten, so only continuing rows' caches move)."""
-        rows = self._rows
-        keep = sorted((r for r in rows if r.ready and r.slot >= 0), key=lambda r: r.slot)
-        d = len(keep)
-        taken = {r.slot for r in keep if r.slot < d}
-        holes = (s for s in range(d) if s not in taken)
-        for row in keep:
-            if row.slot >= d:
-                target = next(holes)
-                self.cache.move(row.slot, target)
-                row.slot = target
-        keep.sort(key=lambda r: r.slot)
-        rest = [r for r in rows if not (r.ready and r.slot >= 0)]
-        for slot, row in enumerate(rest, start=d):
-            row.slot, row.ready = slot, False
-        self._rows = keep + rest
-
-    def _prefill_groups(self, rows: list[_Row]) -> list[list[_Row]]:
-        """Rows of similar window lengths together, so that right-padding wastes at most a quarter of a call."""
-        lengths = {id(r): len(r.tokens) - r.window_start(self.max_seq_len) for r in rows}
-        groups: list[list[_Row]] = []
-        for row in sorted(rows, key=lambda r: lengths[id(r)]):
-            group = groups[-1] if groups else None
-            if group:
-                n = lengths[id(row)]
-                real = sum(lengths[id(r)] for r in group) + n
-                padded = n * (len(group) + 1)
-                if padded <= self.prefill_tokens and real >= 0.75 * padded:
-                    group.append(row)
-                    continue
-            groups.append([row])
-        return groups
-
-    def _prefill(self, group: list[_Row]) -> None:
-        starts = [r.window_start(self.max_seq_len) for r in group]
-        windows = [r.tokens[s:] for r, s in zip(group, starts, strict=True)]
-        T = max(len(w) for w in windows)
-        ids = torch.zeros(len(group), T, dtype=torch.long)  # right-padded; the padding is never attended to
-        for i, w in enumerate(windows):
-            ids[i, : len(w)] = torch.tensor(w)
-        ids = ids.to(self.device)
-        self.cache.bind([r.slot for r in group], [len(w) for w in windows], fresh=True)
-        with without_onednn(self.device, ids.numel()):
-            hidden = self.decoder.features(ids, cache=self.cache)  # (B, T, C)
-            last = torch.tensor([len(w) - 1 for w in windows], device=self.device)
-            logits = self._head(hidden[torch.arange(len(group), device=self.device), last])
-        for row, start in zip(group, starts, strict=True):
-            row.start, row.ready = start, True
-        self._counters.prefill_calls += 1
-        self._counters.prefill_tokens += sum(len(w) for w in windows)
-        self._counters.padded_prefill_tokens += ids.numel()
-        self._sample_and_emit(group, logits)
-
-    def _decode(self, rows: list[_Row]) -> None:
-        """One new token for each of the d packed rows in slots 0..d-1."""
-        d = len(rows)
-        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)  # (d, 1)
-        self.cache.bind(list(range(d)), [1] * d, fresh=False)
-        with without_onednn(self.device, d):
-            if (
-                d == 1
-            ):  # the single-sequence path of hilt.generation.generate: the position comes from the cache
-                hidden = self.decoder.features(ids, cache=self.cache)
-            else:
-                hidden = self.decoder.features(
-                    ids,
-                    cache=self.cache,
-                    positions=self.cache.positions(),
-                    attn_mask=self.cache.padding_mask(),
-                )
-            logits = self._head(hidden[:, -1])
-        self._counters.decode_calls += 1
-        self._counters.decode_rows += d
-        self._sample_and_emit(rows, logits)
-
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, C) -> (B, V) fp32, as hilt.generation.generate computes it."""
-        return self.head(hidden).float()
-
-    def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        greedy = greedy_tokens(logits).tolist()
-        now = time.perf_counter()
-        for i, row in enumerate(rows):
-            p = row.request.params
-            if p.temperature == 0:
-                token = greedy[i]
-            else:  # the row's own (1, V) logits and Generator: the draw cannot depend on the other rows
-                token = int(
-                    sample_next_token(
-                        logits[i : i + 1],
-                        temperature=p.temperature,
-                        top_k=p.top_k,
-                        top_p=p.top_p,
-                        generator=row.generator,
-                    )
-                )
-            logprob = top = None
-            if p.logprobs is not None:
-                logprob, top = self._logprobs(logits[i], token, p.logprobs)
-            if row.first_token_at is None:
-                row.first_token_at = now
-            self._emit(row, token, logprob, top)
-
-    def _logprobs(self, logits: torch.Tensor, token: int, k: int) -> tuple[float, dict[str, float] | None]:
-        logprobs = logits.float().log_softmax(dim=-1)
-        top = None
-        if k:
-            values, ids = logprobs.topk(k)
-            top = {self._token_text(t): v for t, v in zip(ids.tolist(), values.tolist(), strict=True)}
-        return float(logprobs[token]), top
-
-    def _token_text(self, token: int) -> str:
-        if self.tokenizer is None:
-            return str(token)
-        return self.tokenizer.decode([token], skip_special_tokens=False)
-
-    def _emit(self, row: _Row, token: int, logprob, top) -> None:
-        p = row.request.params
-        row.generated += 1
-        finish = None
-        if token in row.stop_ids:
-            finish = "stop"  # the stop token's own text is not part of the output
-            piece = row.streamer.flush() if row.streamer else ""
-        else:
-            row.tokens.append(token)
-            piece = row.streamer.push(token) if row.streamer else ""
-            if row.generated >= p.max_new_tokens:
-                finish = "length"
-                piece += row.streamer.flush() if row.streamer else ""
-        text = row.held + piece
-        hit = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-        if hit >= 0:
-            finish, text, row.held = "stop", text[:hit], ""
-        elif finish is None and p.stop:
-            keep = _stop_prefix_length(text, p.stop)
-            text, row.held = text[: len(text) - keep], text[len(text) - keep :]
-        else:
-            row.held = ""
-        row.request._push(Output(token, text, logprob, top, finish))
-        # the counters are written by this thread only; stats() may read them a step behind
-        self._counters.generated_tokens += 1
-        if finish is not None:
-            self._counters.finished[finish] += 1
-
-
-def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that is the beginning of a stop string (it could still complete)."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
