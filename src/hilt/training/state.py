@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 
-from hilt.checkpoint.store import FORMAT_VERSION, capture_rng_state, resume_position
-from hilt.data.batches import data_fingerprint
+from hilt.checkpoint.store import FORMAT_VERSION, capture_rng_state, data_fingerprint, resume_position
 from hilt.training.metrics import perplexity
 from hilt.training.schedule import lr_factor
 
