@@ -33,7 +33,7 @@ Deltas are paired by seed (same data order, same main-layer initialisation) agai
 The arms of the variants the ablation rejected (zero_init, gate, embed, depth_multiway) left with their code; their
 runs stay in the committed results, and HILT at commit ab15cea reruns them (docs/evaluation.md).
 
-Equal cost: each arm gets ``--budget`` training FLOPs, counted analytically by ``hilt.flops`` (PaLM's convention:
+Equal cost: each arm gets ``--budget`` training FLOPs, counted analytically by ``hilt.model.flops`` (PaLM's convention:
 2 FLOPs per multiply-add of every matmul, attention over the full window, backward = 2x forward; the count is
 checked against torch's FlopCounterMode for every arm and the ratio stored in the results). An arm that costs more
 per token trains for fewer steps. Wall-clock is recorded too (training only, validation excluded).

@@ -5,9 +5,9 @@
 
 The folder holds config.json (HiltConfig: every ModelConfig field), model.safetensors (the LM head tied to the
 embedding is stored once), generation_config.json (bos/eos/pad ids and the modulation scale), the tokenizer
-(tokenizer.json, tokenizer_config.json, special_tokens_map.json), the modelling code (model.py, config.py,
-kernels.py and kv_cache.py byte for byte as in the package, plus configuration_hilt.py and modeling_hilt.py
-with their imports made local), hilt_checkpoint.json (what the checkpoint knew besides its weights: tokenizer
+(tokenizer.json, tokenizer_config.json, special_tokens_map.json), the modelling code (every file of hilt/model/
+but its __init__.py, byte for byte as in the package, plus configuration_hilt.py and modeling_hilt.py with their
+imports made local), hilt_checkpoint.json (what the checkpoint knew besides its weights: tokenizer
 identity, step, losses, training settings) and a README.md model card.
 """
 
@@ -236,7 +236,7 @@ def model_card(config: ModelConfig, meta: dict, n_params: int, tokenizer) -> str
         "print(tokenizer.decode(model.generate(**ids, max_new_tokens=40)[0]))",
         "```",
         "",
-        "`trust_remote_code=True` runs the modelling code in this folder (model.py and its neighbours, which "
+        "`trust_remote_code=True` runs the modelling code in this folder (transformer.py and its neighbours, which "
         "import only torch and transformers); with `hilt` installed, `import hilt.hf` makes it unnecessary.",
         "",
     ]

@@ -1,4 +1,4 @@
-"""HiltForCausalLM: the HierarchicalTransformer of ``model.py`` behind transformers' ``PreTrainedModel`` and
+"""HiltForCausalLM: the HierarchicalTransformer of ``hilt/model/`` behind transformers' ``PreTrainedModel`` and
 ``GenerationMixin``, so ``from_pretrained``, ``generate()`` and ``pipeline("text-generation")`` work with it.
 
 The wrapper adds no maths of its own. It turns transformers' inputs into the model's: a 2-D ``attention_mask``
@@ -6,7 +6,7 @@ The wrapper adds no maths of its own. It turns transformers' inputs into the mod
 cache classes stand in for HILT's ``KVCache`` through a three-method view. Works with transformers 4.57 (which
 calls the cache ``past_key_values``) and 5.x (which calls it ``cache``).
 
-Exported folders carry this file beside ``model.py``, ``config.py``, ``kernels.py`` and ``kv_cache.py`` (copied
+Exported folders carry this file beside the files of ``hilt/model/`` (copied
 from the package unchanged), so ``trust_remote_code=True`` needs neither HILT nor this package installed.
 """
 

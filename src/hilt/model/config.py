@@ -12,12 +12,7 @@ ILT_DIM = 128
 NHEAD_ILT = 2
 N_LAYERS_ILT = 2
 ILT_DROPOUT = 0.1
-
-# variants the ablation rejected (docs/evaluation.md), and their "off" values in the configs that saved them
-REMOVED = {"ilt_zero_init": False, "ilt_gate": False, "ilt_embed": False}
-REMOVED_AT = "ab15cea"  # the last commit that builds them and ilt_kind "depth_multiway"
-
-ILT_RANK = 32  # query/key width of the depth kinds' attention over the layer history
+ILT_RANK = 32  # query/key width of the depth kind's attention over the layer history
 ILT_WINDOW = 2
 MODULATION_SCALE_START = 0.01
 MODULATION_SCALE_END = 0.1

@@ -1,4 +1,4 @@
-"""CPU speed paths for the reference model in ``model.py``: the same maths, measured faster on CPU.
+"""CPU speed paths for the reference layers of ``layers.py``: the same maths, measured faster on CPU.
 
 ``transformer.py`` is the reference and reads without this file. The model picks these when it is built,
 ``HierarchicalTransformer(config, cpu_kernels=True)`` (the default; ``cpu_kernels=False`` builds the reference; see
@@ -13,7 +13,7 @@ at each choice are medians from the benchmarks named there; the full tables are 
     depth_mix               the depth kinds' mixing, one fused backward  training the depth kinds, CPU
     greedy_tokens           argmax over the vocabulary in chunks         greedy decoding (generate, the engine)
 
-This module imports only torch, so an exported model folder can carry it beside ``model.py``.
+This module imports only torch, so an exported model folder can carry it beside the model.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ class MultiHeadAttention(nn.Module):
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """The fused projection qkv (B, T, 3C) -> the heads' outputs joined (B, T, C): a CPU speed path with the
-        same maths where one fits (hilt/kernels.py), else the reference ``attend``."""
+        same maths where one fits (kernels.py), else the reference ``attend``."""
         attn_dropout = self.dropout if self.short and self.training else 0.0
         plain_causal = cache is None and attn_mask is None
         kernel = kernels.attention_kernel(qkv, self.short, plain_causal) if self.cpu_kernels else None

@@ -4,7 +4,7 @@ validation, and checkpoints that resume exactly.
 The ``Trainer`` knows nothing about tokenizers or files: it gets a model (optionally wrapped, e.g. in DDP), two
 ``TokenBatches`` and a ``TrainConfig``. Nor does it know how ILTs train: it passes the model its training progress,
 as it passes the LR schedule its step, and the model's curriculum turns that into a modulation scale. Its one
-look at the ILTs is a diagnostic, logging ``hilt.evaluation.inspect`` every ``--ilt_stats_every`` steps.
+look at the ILTs is a diagnostic, logging ``HierarchicalTransformer.ilt_stats`` every ``--ilt_stats_every`` steps.
 ``hilt.training.run.run_training`` is the glue the CLI calls.
 """
 
