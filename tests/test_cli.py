@@ -67,9 +67,9 @@ def test_train_defaults_are_the_designs():
         5e-4,
         1.0,
     )
-    assert (args.gradient_accumulation_steps, args.no_amp, args.scheduler, args.resume) == (
+    assert (args.gradient_accumulation_steps, args.amp, args.scheduler, args.resume) == (
         1,
-        False,
+        True,
         "cosine",
         None,
     )

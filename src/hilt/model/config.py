@@ -5,7 +5,7 @@ ILT curriculum. Plain Python (no torch), so the CLI can build its flags without 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 # --- the design's ILT constants (defaults of ModelConfig; every one is a CLI flag too) -----------------------
 ILT_DIM = 128
@@ -34,27 +34,41 @@ def modulation_scale(progress: float, start: float, end: float) -> float:
 class ModelConfig:
     """Everything needed to rebuild a model; saved inside every checkpoint."""
 
-    vocab_size: int
-    d_model: int = 256
-    n_layers: int = 6
-    n_heads: int = 8
-    d_ff: int | None = None  # None -> 4 * d_model
-    dropout: float = DROPOUT
-    max_seq_len: int = 1024
-    tie_weights: bool = True
-    n_layers_ilt: int = N_LAYERS_ILT  # 0 -> plain transformer, no ILT parameters at all
-    ilt_dim: int = ILT_DIM
-    nhead_ilt: int = NHEAD_ILT
-    ilt_dropout: float = ILT_DROPOUT
-    ilt_window: int = ILT_WINDOW  # how many of the latest layer outputs an ILT sees
+    # each field's help is its flag's (hilt.cli.flags builds the flags from these fields)
+    vocab_size: int  # from the tokenizer, not a flag
+    d_model: int = field(default=256, metadata={"help": "model width d_model", "flag": "--model_dim"})
+    n_layers: int = field(default=6, metadata={"help": "main transformer layers"})
+    n_heads: int = field(default=8, metadata={"help": "attention heads"})
+    d_ff: int | None = field(
+        default=None, metadata={"help": "feed-forward width", "default_help": "4 * model_dim"}
+    )
+    dropout: float = field(default=DROPOUT, metadata={"help": "dropout of the main layers"})
+    max_seq_len: int = field(
+        default=1024, metadata={"help": "longest context the positional encoding covers"}
+    )
+    tie_weights: bool = field(default=True, metadata={"help": "share the token embedding with the LM head"})
+    n_layers_ilt: int = field(
+        default=N_LAYERS_ILT,
+        metadata={"help": "layers inside each ILT; 0 = plain transformer (no ILTs at all)"},
+    )
+    ilt_dim: int = field(default=ILT_DIM, metadata={"help": "ILT width ILT_DIM"})
+    nhead_ilt: int = field(default=NHEAD_ILT, metadata={"help": "ILT attention heads NHEAD_ILT"})
+    ilt_dropout: float = field(default=ILT_DROPOUT, metadata={"help": "ILT dropout ILT_DROPOUT"})
+    ilt_window: int = field(default=ILT_WINDOW, metadata={"help": "layer outputs each ILT sees"})
     # the curriculum: training ramps modulation_scale from start to end; evaluation and generation use end
-    modulation_scale_start: float = MODULATION_SCALE_START
-    modulation_scale_end: float = MODULATION_SCALE_END
-    # which ILT follows the main layers: a name in hilt.model.ilts.KINDS ("design": the seed's ILT above; the
-    # others read the layer history at each token, start as an exact plain transformer and ignore the design's
-    # fields: ilt_dim, nhead_ilt, ilt_window, the curriculum)
-    ilt_kind: str = "design"
-    ilt_rank: int = ILT_RANK
+    modulation_scale_start: float = field(
+        default=MODULATION_SCALE_START, metadata={"help": "curriculum start"}
+    )
+    modulation_scale_end: float = field(
+        default=MODULATION_SCALE_END, metadata={"help": "curriculum end, used for eval and generation"}
+    )
+    # a name in hilt.model.ilts.KINDS ("design": the seed's ILT above; the others read the layer history at each
+    # token, start as an exact plain transformer and ignore the design's fields: ilt_dim, nhead_ilt, ilt_window,
+    # the curriculum); the flag's help lists the kinds from the registry
+    ilt_kind: str = field(default="design", metadata={"help": "the inter-layer module"})
+    ilt_rank: int = field(
+        default=ILT_RANK, metadata={"help": "query/key rank of the depth kind's attention over layers"}
+    )
 
     def __post_init__(self) -> None:
         if self.d_ff is None:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hilt.errors import UserError
 from hilt.training.schedule import SCHEDULERS
@@ -15,37 +15,111 @@ from hilt.training.schedule import SCHEDULERS
 class TrainConfig:
     """How to train (the model's shape lives in ModelConfig). Saved in every checkpoint as ``train_config``."""
 
-    text_file: str
-    max_tokens: int = 100_000  # 0 = the whole file
-    batch_size: int = 32
-    seq_len: int = 128
-    epochs: int = 10
-    lr: float = 5e-4
-    clip_grad: float = 1.0  # 0 = no clipping
-    gradient_accumulation_steps: int = 1
-    amp: bool = True  # bf16/fp16 autocast where the hardware supports it
-    scheduler: str = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.1
-    val_fraction: float = 0.1
-    out_dir: str = "."
-    seed: int = 1337
-    device: str = "auto"
-    save_every: int = 0  # also write last_model.pt every N optimizer steps (0 = only at epoch ends)
-    resume: str | None = None
-    new_data: bool = False  # on --resume: other data on purpose (its first epoch next, the best model afresh)
-    compile: bool = False  # torch.compile the layers (slow first step; pays off on long runs, mostly in bf16)
-    patience: int = 0  # stop early after this many epochs without a better validation loss (0 = never)
-    overwrite: bool = False  # allow a fresh run to replace checkpoints already in out_dir
-    tokenizer: str | None = None  # a local Hugging Face tokenizer folder; None = the shipped GPT-2
-    cache_dir: str | None = None  # token cache folder; None = .hilt_cache in the folder that holds the input
-    doc_separator: str | None = (
-        None  # "blank", "line" or a literal string between documents; None = file = doc
+    # each field's help is its flag's (hilt.cli.flags builds `hilt train`'s flags from these fields)
+    text_file: str = field(
+        metadata={
+            "help": "training text: a UTF-8 text file, a folder or glob of .txt/.jsonl/.parquet files, a .jsonl "
+            "or a .parquet file"
+        }
     )
-    text_field: str = "text"  # the text field of .jsonl records, the text column of .parquet files
-    epoch_tokens: int = 0  # an epoch's token budget when smaller than the corpus; 0 = one pass per epoch
-    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to out_dir/tensorboard
-    ilt_stats_every: int = 50  # log ILT statistics every N optimizer steps and at epoch ends (0 = never)
+    max_tokens: int = field(default=100_000, metadata={"help": "use the first N tokens; 0 = all of them"})
+    batch_size: int = field(default=32, metadata={"help": "sequences per batch"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per training sequence"})
+    epochs: int = field(default=10, metadata={"help": "total epochs; on --resume, the new total"})
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate of AdamW"})
+    clip_grad: float = field(default=1.0, metadata={"help": "clip the gradient norm to this; 0 = off"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    amp: bool = field(
+        default=True,
+        metadata={
+            "help": "train in fp32",
+            "flag": "--no_amp",
+            "negate": True,
+            "default_help": "bf16/fp16 autocast where supported",
+        },
+    )
+    scheduler: str = field(default="cosine", metadata={"help": "LR schedule", "choices": SCHEDULERS})
+    warmup_steps: int = field(default=0, metadata={"help": "linear LR warm-up steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
+    val_fraction: float = field(
+        default=0.1,
+        metadata={"help": "validation share, held out from the end, by whole documents when known"},
+    )
+    resume: str | None = field(
+        default=None,
+        metadata={"help": "continue from a checkpoint up to --epochs in total", "metavar": "PATH"},
+    )
+    new_data: bool = field(
+        default=False,
+        metadata={
+            "help": "with --resume: continue on data other than the checkpoint's (refused otherwise), from its "
+            "first epoch, with the best model judged afresh on its validation part"
+        },
+    )
+    out_dir: str = field(default=".", metadata={"help": "where checkpoints and metrics go"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "let a fresh run replace checkpoints already in --out_dir"}
+    )
+    compile: bool = field(
+        default=False, metadata={"help": "torch.compile the layers: ~25 s start-up, faster steps"}
+    )
+    patience: int = field(
+        default=0, metadata={"help": "stop after N epochs without a better val loss; 0 = never"}
+    )
+    seed: int = field(default=1337, metadata={"help": "random seed"})
+    device: str = field(
+        default="auto", metadata={"help": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N"}
+    )
+    save_every: int = field(
+        default=0,
+        metadata={"help": "also write last_model.pt every N optimizer steps; 0 = at epoch ends only"},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "a local Hugging Face tokenizer folder",
+            "metavar": "DIR",
+            "default_help": "the shipped GPT-2",
+        },
+    )
+    tensorboard: bool = field(
+        default=False,
+        metadata={"help": "also log the metrics to TensorBoard in OUT_DIR/tensorboard (needs tensorboard)"},
+    )
+    ilt_stats_every: int = field(
+        default=50,
+        metadata={
+            "help": "log ILT statistics (see hilt inspect) every N optimizer steps and at epoch ends; 0 = never"
+        },
+    )
+    epoch_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "an epoch's token budget for corpora larger than that: the shuffled order then runs on across "
+            "epochs; keep it on --resume; 0 = one pass over the data per epoch"
+        },
+    )
+    # how the input is read and cached: `hilt prepare` takes these flags too, so both find the same cache
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder for the token cache",
+            "metavar": "DIR",
+            "default_help": ".hilt_cache in the folder that holds the input",
+        },
+    )
+    doc_separator: str | None = field(
+        default=None,
+        metadata={
+            "help": "split text files into documents, with <EOS> between them: 'blank' (blank lines), 'line' (each "
+            "line) or a literal string such as '<|endoftext|>'",
+            "metavar": "SEP",
+            "default_help": "a file is one document; .jsonl/.parquet rows always are",
+        },
+    )
+    text_field: str = field(
+        default="text", metadata={"help": "the text field of .jsonl records / text column of .parquet files"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "epochs", "gradient_accumulation_steps"):
