@@ -1,5 +1,5 @@
-"""`hilt generate --prompts_file`: what --resume says about a torn last line, and the checks that come back before
-torch is imported."""
+"""`hilt generate --prompts_file`: a reproducible resume, what --resume says about a torn last line, and the
+checks that come back before torch is imported."""
 
 import json
 import subprocess
@@ -39,6 +39,96 @@ def interrupt_after(monkeypatch, n: int) -> None:
         real(f, row)
 
     monkeypatch.setattr(prompts_file_module, "append_row", append_row)
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    """The `make demo` architecture, untrained, with a 256-token context: a row's logits decoded alone and batched
+    differ in their last bits here (tests/conftest.py's 32-wide model gives the same bits either way)."""
+    import torch
+
+    from hilt.checkpoint.store import FORMAT_VERSION, atomic_save
+    from hilt.data.tokenizer import Tokenizer
+    from hilt.model import HierarchicalTransformer, ModelConfig
+
+    torch.manual_seed(0)
+    tok = Tokenizer.load()
+    config = ModelConfig(
+        vocab_size=tok.vocab_size, d_model=128, n_layers=4, n_heads=4, ilt_dim=64, max_seq_len=256
+    )
+    model = HierarchicalTransformer(config)
+    path = tmp_path_factory.mktemp("demo") / "best_model.pt"
+    state = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "model_state_dict": model.state_dict(),
+        "tokenizer": tok.name,
+        "train_config": {"tokenizer": None},
+    }
+    atomic_save(state, path)
+    return str(path)
+
+
+# Sampled rows with long outputs (the untrained model's nearly flat distribution puts a draw near a token boundary
+# often, so rounding in the last bits shows), a filtered row, a greedy one, short ones. With two slots the last row
+# decodes alone in an uninterrupted run, and next to row 1, 2 or 3 for 60 of its tokens in a run resumed after row 0.
+RECORDS = [
+    {"prompt": "You are all resolved rather to die than to famish?"},
+    {"prompt": "Before we proceed any further, hear me speak.", "top_k": 50, "top_p": 0.9},
+    {"prompt": "First, you know Caius Marcius is chief enemy", "temperature": 0, "max_new_tokens": 20},
+    {
+        "prompt": "Would you proceed especially against Caius Marcius?",
+        "temperature": 0.7,
+        "max_new_tokens": 20,
+    },
+    {"prompt": "First Citizen: before we proceed", "seed": 1},
+]
+
+
+def test_reproducible_resume_gives_the_uninterrupted_file_byte_for_byte(
+    demo_checkpoint, tmp_path, capsys, monkeypatch
+):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", RECORDS)
+    flags = ["--model_path", demo_checkpoint, "--prompts_file", prompts, "--max_len", "100", "--seed", "0"]
+    flags += ["--max_slots", "2", "--reproducible"]
+    whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
+    code, _, err = run(capsys, *flags, "--out", str(whole))
+    assert code == 0, err
+    rows = [json.loads(line) for line in whole.read_text().splitlines()]
+    assert [r["completion_tokens"] for r in rows] == [100, 100, 20, 20, 100]
+
+    interrupt_after(monkeypatch, 1)
+    code, _, err = run(capsys, *flags, "--out", str(part))
+    assert code == 130 and "1 of 5 rows" in err
+    monkeypatch.undo()
+    with part.open("a") as f:  # and a hard kill tore the next row
+        f.write(json.dumps(rows[1])[:70])
+    code, _, err = run(capsys, *flags, "--out", str(part), "--resume")
+    assert code == 0, err
+    assert part.read_bytes() == whole.read_bytes()
+
+
+def test_reproducible_row_is_the_text_it_gets_alone(demo_checkpoint, tmp_path, capsys):
+    # the last row of the file, decoded next to the others, then the same record as the only row of a file
+    common = ["--model_path", demo_checkpoint, "--max_len", "100", "--reproducible"]
+    out = tmp_path / "all.jsonl"
+    prompts = write_jsonl(tmp_path / "all_prompts.jsonl", RECORDS)
+    assert run(capsys, *common, "--prompts_file", prompts, "--out", str(out), "--seed", "0")[0] == 0
+    together = json.loads(out.read_text().splitlines()[4])["text"]
+    alone = tmp_path / "alone.jsonl"
+    prompts = write_jsonl(tmp_path / "alone_prompts.jsonl", RECORDS[4:])
+    assert run(capsys, *common, "--prompts_file", prompts, "--out", str(alone))[0] == 0
+    assert json.loads(alone.read_text())["text"] == together and len(together) > 100
+
+
+def test_reproducible_refuses_a_sampled_row_without_a_seed(checkpoint, tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "temperature": 0}, {"prompt": "b"}])
+    out = tmp_path / "o.jsonl"
+    code, _, err = run(
+        capsys, "--model_path", checkpoint, "--prompts_file", prompts, "--out", str(out), "--reproducible"
+    )
+    assert code == 2 and "p.jsonl:2: --reproducible needs a seed" in err and err.count("\n") == 1
+    assert not out.exists()
 
 
 # --- what --resume finds in --out ----------------------------------------------------------------------------

@@ -98,6 +98,12 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max_slots", type=int, default=16, help="sequences decoded together by the engine (default 16)"
     )
+    g.add_argument(
+        "--reproducible",
+        action="store_true",
+        help="decode one row at a time, so that a resumed or repeated run writes the same file byte for byte "
+        "(several times slower; default off: a row's text may depend on the rows decoded with it)",
+    )
     add_threads(p)
 
 

@@ -34,6 +34,8 @@ class GenerationConfig:
     out: str | None = None  # batch mode: the results, one JSON record per prompt
     resume: bool = False  # batch mode: keep the finished rows of --out and run the rest
     max_slots: int = 16  # sequences decoded together
+    # batch mode: decode one row at a time, so that no row's text depends on which rows share its batch
+    reproducible: bool = False
     threads: int | None = (
         None  # torch's CPU threads; None = the decode thread picks (hilt.generation.threads)
     )
@@ -52,8 +54,8 @@ class GenerationConfig:
                 raise UserError(f"--{name} must be >= 1, got {value}")
         if self.use_beam_search and self.num_samples > 1:
             raise UserError("--num_samples needs sampling; beam search gives one deterministic result")
-        if self.prompts_file is None and (self.out is not None or self.resume):
-            raise UserError("--out and --resume belong to --prompts_file")
+        if self.prompts_file is None and (self.out is not None or self.resume or self.reproducible):
+            raise UserError("--out, --resume and --reproducible belong to --prompts_file")
         if self.prompts_file is not None:
             if self.out is None:
                 raise UserError("--prompts_file needs --out (the results file)")

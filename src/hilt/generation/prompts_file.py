@@ -3,7 +3,10 @@ record with its own sampling settings; rows are written as they finish, so an in
 ``--resume`` skips them.
 
 The prompts file and ``--out`` are checked before torch is imported (seconds) and the model loads, so a mistake in
-either comes back at once.
+either comes back at once. ``--reproducible`` decodes one row at a time: a row's logits change in their last bits
+with the company it is decoded in (its steps alone run other kernels than its batched steps, and a resumed run
+batches differently), which moves a sampled row's draw whenever it lands that close to the boundary between two
+tokens (docs/generation.md).
 """
 
 from __future__ import annotations
@@ -99,9 +102,13 @@ def read_prompts_file(cfg: GenerationConfig) -> list[PromptRecord]:
             params = {k: v for k, v in fields.items() if k not in ("prompt", "id")}
             record = PromptRecord(len(records), number, fields["prompt"], params, fields.get("id"))
         try:
-            _sampling_params(cfg, record)  # checks the record's settings
+            sampling = _sampling_params(cfg, record)
         except (ValueError, TypeError) as e:
             raise UserError(f"{where}: {e}") from None
+        if cfg.reproducible and sampling.temperature > 0 and sampling.seed is None:
+            raise UserError(
+                f'{where}: --reproducible needs a seed for every sampled row: --seed, or a "seed" field'
+            )
         records.append(record)
     if not records:
         raise UserError(f"--prompts_file {path} holds no prompts")
@@ -190,7 +197,14 @@ def generate_rows(
             ids = (tokenizer.encode(r.prompt) or [tokenizer.bos_id])[-context:]
             yield ids, _sampling_params(cfg, r)
 
-    slots, threads = cfg.max_slots, cfg.threads or "auto"
+    # One slot makes every model call of a row the same whatever the other rows are: alone in its prefill, alone
+    # in each decoding step, in the same slot. Batched, a row's steps run other kernels than its steps alone (and
+    # on some CPUs other kernels per batch size), so its logits move in the last bits with its company. The thread
+    # count stays fixed too, never "auto", which follows the machine's load: a parallel reduction can split by it.
+    if cfg.reproducible:
+        slots, threads = 1, cfg.threads  # None: the process's count
+    else:
+        slots, threads = cfg.max_slots, cfg.threads or "auto"
     texts, tokens, started = [], 0, time.perf_counter()
     bar = tqdm(total=len(records), initial=len(done), unit="prompt", file=sys.stderr, dynamic_ncols=True)
     try:
