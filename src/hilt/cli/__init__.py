@@ -17,8 +17,9 @@ from collections.abc import Callable, Collection
 
 from hilt.cli.data import add_prepare, add_vocab, cmd_prepare, cmd_vocab
 from hilt.cli.evaluate import add_eval, add_inspect, add_plot, cmd_eval, cmd_inspect, cmd_plot
-from hilt.cli.serve import add_serve, add_threads, cmd_serve
-from hilt.cli.train import add_train, cmd_train, model_args  # noqa: F401 (model_args: generate's)
+from hilt.cli.generate import add_generate, cmd_generate
+from hilt.cli.serve import add_serve, cmd_serve
+from hilt.cli.train import add_train, cmd_train
 from hilt.errors import UserError
 
 
@@ -28,101 +29,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- subcommands ---------------------------------------------------------------------------------------------
-
-
-def add_generate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_path", required=True, help="checkpoint to sample from, e.g. runs/x/best_model.pt")
-    p.add_argument(
-        "--prompt",
-        default="The quick brown",
-        help='text to continue; "" starts from the <BOS> token (default "The quick brown")',
-    )
-    p.add_argument(
-        "--max_len", type=int, default=50, help="new tokens at most; <EOS> stops earlier (default 50)"
-    )
-    p.add_argument(
-        "--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy argmax (default 1.0)"
-    )
-    p.add_argument(
-        "--top_k", type=int, default=None, help="sample from the k most likely tokens (default: all)"
-    )
-    p.add_argument(
-        "--top_p",
-        type=float,
-        default=None,
-        help="nucleus sampling: the fewest tokens whose probability reaches p, 0 < p <= 1 (default: off)",
-    )
-    p.add_argument(
-        "--use_beam_search",
-        action="store_true",
-        help="beam search instead of sampling (deterministic; ignores --temperature/--top_k/--top_p)",
-    )
-    p.add_argument("--beam_width", type=int, default=5, help="beams kept by --use_beam_search (default 5)")
-    p.add_argument(
-        "--use_cache",
-        action="store_true",
-        help="KV cache for beam search: same output, several times faster (sampling always uses the engine's "
-        "cache; default off)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="sampling seed; same seed + flags = same text (default: random)",
-    )
-    p.add_argument("--num_samples", type=int, default=1, help="independent samples to print (default 1)")
-    p.add_argument(
-        "--stream", action="store_true", help="print text as it is produced (beam search prints when done)"
-    )
-    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    p.add_argument(
-        "--no_amp",
-        action="store_true",
-        help="fp32 throughout (default: bf16 matmuls where the hardware supports it, as in training)",
-    )
-    p.add_argument(
-        "--model_dim",
-        type=int,
-        default=None,
-        help="accepted for compatibility; the checkpoint sets the architecture, a different value is an error",
-    )
-    g = p.add_argument_group("batch mode (hilt.generation.engine; docs/generation.md#batched-engine)")
-    g.add_argument(
-        "--prompts_file",
-        default=None,
-        help="generate for every prompt of a file: one per line (.txt) or JSON records with their own "
-        "sampling settings (.jsonl); needs --out",
-    )
-    g.add_argument("--out", default=None, help="results file (JSON lines, in input order)")
-    g.add_argument("--resume", action="store_true", help="keep the finished rows of --out and run the rest")
-    g.add_argument(
-        "--max_slots", type=int, default=16, help="sequences decoded together by the engine (default 16)"
-    )
-    g.add_argument(
-        "--reproducible",
-        action="store_true",
-        help="decode one row at a time, so that a resumed or repeated run writes the same file byte for byte "
-        "(several times slower; default off: a row's text may depend on the rows decoded with it)",
-    )
-    add_threads(p)
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
-    from hilt.generation.config import GenerationConfig
-
-    settings = {f.name: getattr(args, f.name) for f in fields(GenerationConfig) if f.name != "amp"}
-    cfg = GenerationConfig(**settings, amp=not args.no_amp)
-    if cfg.prompts_file is not None:
-        from hilt.generation.prompts_file import run_prompts_file
-
-        run_prompts_file(cfg)  # checks the file and --out before it imports torch
-        return 0
-    from hilt.generation.run import run_generation
-
-    run_generation(cfg)
-    return 0
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
