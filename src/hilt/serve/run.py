@@ -8,74 +8,16 @@ process exits 0 on SIGTERM.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 
 from hilt.errors import UserError
-
-
-@dataclass(kw_only=True)
-class ServeConfig:
-    """The flags of `hilt serve` (field name = flag name)."""
-
-    model_path: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    served_model_name: str | None = None  # default: the checkpoint's run folder, or the file's stem
-    api_key: str | None = None  # default: $HILT_API_KEY; None = no key
-    cors_origins: str | None = None  # comma-separated origins; None = CORS off
-    chat_template: str | None = None
-    max_batch: int = 16
-    max_queue: int = 64
-    max_body_bytes: int = 1_000_000
-    max_n: int = 8
-    max_tokens_cap: int = 0
-    request_timeout: float = 600.0
-    shutdown_grace: float = 10.0
-    device: str = "auto"
-    amp: bool = True
-    log_level: str = "info"
-    threads: int | None = (
-        None  # torch's CPU threads; None = the decode thread picks (hilt.generation.threads)
-    )
-
-    def __post_init__(self) -> None:
-        if self.threads is not None and self.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {self.threads}")
-        for name in ("max_batch", "max_body_bytes", "max_n"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queue", "max_tokens_cap", "shutdown_grace"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_queue < self.max_n:
-            raise UserError(
-                f"--max_queue ({self.max_queue}) must be at least --max_n ({self.max_n}): a request's n choices "
-                "queue together"
-            )
-        if not self.request_timeout > 0:
-            raise UserError(f"--request_timeout must be > 0, got {self.request_timeout}")
-        if not 0 <= self.port <= 65535:
-            raise UserError(f"--port must be in 0-65535, got {self.port}")
-        if self.api_key is None:
-            self.api_key = os.environ.get("HILT_API_KEY") or None
-        if self.api_key is not None and not self.api_key.strip():
-            raise UserError("--api_key is empty")
-
-    @property
-    def model_name(self) -> str:
-        if self.served_model_name:
-            return self.served_model_name
-        path = Path(self.model_path).resolve()
-        # runs/shakespeare/best_model.pt -> "shakespeare"; an exported folder -> its name
-        return path.name if path.is_dir() else (path.parent.name or path.stem)
+from hilt.serve.config import ServeConfig  # noqa: F401 (re-exported)
 
 
 class _Server(uvicorn.Server):
