@@ -16,7 +16,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
         "--split",
         choices=["all", "train", "val"],
         default="all",
-        help="all = the whole file; train/val = the training run's split of it (default all)",
+        help="all = the whole file; train/val = the training run's split of it (default %(default)s)",
     )
     p.add_argument(
         "--seq_len", type=int, default=None, help="window length (default: the training --seq_len)"
@@ -87,7 +87,7 @@ def add_inspect(p: argparse.ArgumentParser) -> None:
         default="To be, or not to be, that is the question:",
         help="text to run through the model (default: a line of Hamlet)",
     )
-    p.add_argument("--out", default="ilt_inspect.png", help="heat-map PNG (default ilt_inspect.png)")
+    p.add_argument("--out", default="ilt_inspect.png", help="heat-map PNG (default %(default)s)")
     p.add_argument(
         "--modulation_scale",
         type=float,
