@@ -722,8 +722,11 @@ class Checker:
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        model = hilt_api().load_model_and_tokenizer(self.work / "bf16" / "last_model.pt", self.device)[0]
-        model.use_cpu_kernels(False)
+        api = hilt_api()
+        trained = api.load_model_and_tokenizer(self.work / "bf16" / "last_model.pt", self.device)[0]
+        model = api.HierarchicalTransformer(trained.config, cpu_kernels=False).to(self.device)  # the reference
+        model.load_state_dict(trained.state_dict())
+        model.eval()
         seq_len = int(self.sizes.model[self.sizes.model.index("--seq_len") + 1])
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (4, seq_len + 1), generator=g).to(self.device)
