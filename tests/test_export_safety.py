@@ -1,7 +1,8 @@
-"""hilt export's safety: --overwrite deletes only an earlier export, a bad --out_dir fails before the model loads,
-and SIGTERM leaves nothing behind."""
+"""hilt export's safety and honesty: --overwrite deletes only an earlier export, a bad --out_dir fails before the
+model loads, SIGTERM leaves nothing behind, and the folder advertises the context the model was trained on."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,13 +14,16 @@ import torch
 
 pytest.importorskip("transformers")
 
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
 import hilt.checkpoint  # noqa: E402
 from hilt.checkpoint import FORMAT_VERSION, atomic_save  # noqa: E402
 from hilt.cli import main  # noqa: E402
+from hilt.evaluate import run_eval  # noqa: E402
 from hilt.hf.export import export  # noqa: E402
 from hilt.model import HierarchicalTransformer  # noqa: E402
 from hilt.tokenizer import Tokenizer  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from tests.conftest import DATA_TXT, tiny_config  # noqa: E402
 
 MARKER_FILE = "hilt_export.json"  # what every export holds: the list of the files it wrote
 
@@ -222,3 +226,87 @@ def test_sigterm_mid_export_leaves_no_temporary_folder(checkpoint, tmp_path, ear
     assert snapshot(tmp_path) == before  # an earlier export untouched
     assert proc.returncode == 143 and stderr.strip().splitlines()[-1] == "terminated", stderr[-3000:]
     assert "Traceback" not in stderr
+
+
+# --- the trained context -------------------------------------------------------------------------------------
+
+
+def test_the_folder_advertises_the_trained_context_not_the_positions_table(checkpoint, tmp_path):
+    folder = export(checkpoint, tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["max_position_embeddings"], config["max_seq_len"]) == (64, 128)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 64
+    # what evaluation harnesses read, through transformers
+    assert AutoConfig.from_pretrained(folder).max_position_embeddings == 64
+    assert AutoTokenizer.from_pretrained(folder).model_max_length == 64
+    card = (folder / "README.md").read_text()
+    assert "| context | 64 tokens; positions table 128 |" in card
+    assert "trained on sequences of 64 tokens" in card and "1,024" not in card and "assumed" not in card
+    # exporting the folder again keeps the trained context (the folder keeps the training settings)
+    again = export(folder, tmp_path / "again")
+    assert json.loads((again / "config.json").read_text())["max_position_embeddings"] == 64
+
+
+def test_a_checkpoint_without_its_training_length_says_what_was_assumed(tmp_path):
+    for name, train_config in (("none", None), ("no_seq_len", {"tokenizer": None})):
+        checkpoint = save(tiny_model(max_seq_len=96), tmp_path / name / "best_model.pt", train_config)
+        folder = export(checkpoint, tmp_path / name / "hf")
+        assert json.loads((folder / "config.json").read_text())["max_position_embeddings"] == 96
+        assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 96
+        card = (folder / "README.md").read_text()
+        assert "| context | 96 tokens (assumed); positions table 96 |" in card
+        assert "does not record the sequence length it was trained on" in card and "max_length=N" in card
+        assert AutoModelForCausalLM.from_pretrained(folder).config.max_position_embeddings == 96
+
+
+def rolling_bits_per_byte(folder: Path, text: str) -> float:
+    """lm-evaluation-harness's ``loglikelihood_rolling`` with its defaults, through transformers alone: windows of
+    the model's maximum length (the first of config's ``n_positions``, ``max_position_embeddings``, ``n_ctx``,
+    else the tokenizer's ``model_max_length``, as its ``HFLM.max_length`` looks), each predicting the next
+    ``length`` tokens after the one before them, the first after the prefix token (``<BOS>``); bits per byte
+    over the whole text."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    names = [
+        name for name in ("n_positions", "max_position_embeddings", "n_ctx") if hasattr(model.config, name)
+    ]
+    length = getattr(model.config, names[0]) if names else tokenizer.model_max_length
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = [tokenizer.bos_token_id, *ids]
+    nats = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids), length):  # window predicting ids[start : start + length]
+            window = torch.tensor([stream[start : start + length + 1]])
+            logits = model(window[:, :-1], use_cache=False).logits.float()  # (1, T, V)
+            nats += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+    return nats / math.log(2) / len(text.encode("utf-8"))
+
+
+@pytest.mark.slow
+def test_a_harness_reading_the_folder_scores_what_hilt_eval_scores(tmp_path):
+    """A model trained on 16-token sequences, its positions table 512: scored through the exported folder with an
+    evaluation harness's defaults, it gets hilt eval's bits per byte (3.2403 and 3.2409 when written; windows of
+    128 gave 3.2576, of 512 3.2773)."""
+    text = DATA_TXT.read_text(encoding="utf-8")
+    train_text, eval_text = text[:200_000], text[-6_000:]
+    tokens = torch.tensor(Tokenizer.load().encode(train_text))
+    model = tiny_model(max_seq_len=512).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        starts = torch.randint(0, len(tokens) - 17, (16,), generator=generator)
+        batch = torch.stack([tokens[s : s + 17] for s in starts.tolist()])  # (B, 17)
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text(eval_text, encoding="utf-8")
+    checkpoint = save(
+        model.eval(), tmp_path / "best_model.pt", {"seq_len": 16, "batch_size": 16, "tokenizer": None}
+    )
+
+    hilt_bpb = run_eval(str(checkpoint), str(eval_file), device="cpu").bits_per_byte  # hilt eval's defaults
+    harness_bpb = rolling_bits_per_byte(export(checkpoint, tmp_path / "hf"), eval_text)
+    assert abs(harness_bpb - hilt_bpb) < 0.01, (harness_bpb, hilt_bpb)

@@ -10,6 +10,11 @@ kernels.py and kv_cache.py byte for byte as in the package, plus configuration_h
 with their imports made local), hilt_checkpoint.json (what the checkpoint knew besides its weights: tokenizer
 identity, step, losses, training settings), a README.md model card and hilt_export.json, the list of the files the
 export wrote: ``overwrite`` replaces only a folder that holds it and nothing else.
+
+The maximum length the folder advertises (config.json's ``max_position_embeddings``, the tokenizer's
+``model_max_length``) is the context the model was trained on, the training run's ``seq_len``, not the size of its
+positions table (``max_seq_len``): evaluation harnesses score windows of that length, so they see what
+``hilt eval`` sees.
 """
 
 from __future__ import annotations
@@ -205,7 +210,8 @@ def write_folder(model, tokenizer, ckpt: dict, folder: Path) -> None:
         "eos_token_id": tokenizer.eos_id,
         "pad_token_id": tokenizer.pad_id,
     }
-    hf_config = HiltConfig(**config.to_dict(), **specials)
+    context, recorded = trained_context(config, ckpt)
+    hf_config = HiltConfig(**config.to_dict(), **specials, max_position_embeddings=context)
     hf_config.auto_map = AUTO_MAP
     hf_config.architectures = [HiltForCausalLM.__name__]
     if hf_config.to_model_config() != config:
@@ -230,26 +236,36 @@ def write_folder(model, tokenizer, ckpt: dict, folder: Path) -> None:
         source = (PACKAGE / "hf" / name).read_text(encoding="utf-8")
         (folder / name).write_text(re.sub(r"^from \.\.", "from .", source, flags=re.M), encoding="utf-8")
 
-    write_tokenizer(tokenizer, config.max_seq_len, folder)
+    write_tokenizer(tokenizer, context, folder)
     meta = {key: ckpt[key] for key in META_KEYS if ckpt.get(key) is not None}
     meta["config_fields"] = list(config.to_dict())  # how load_exported tells a field it does not know
     (folder / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
-    card = model_card(config, meta, hf_model.num_parameters(), tokenizer)
+    card = model_card(config, meta, hf_model.num_parameters(), tokenizer, context=context, recorded=recorded)
     (folder / "README.md").write_text(card, encoding="utf-8")
     files = sorted([*(p.name for p in folder.iterdir()), MARKER_FILE])
     marker = {"written_by": "hilt export", "files": files}
     (folder / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
 
-def write_tokenizer(tokenizer, max_seq_len: int, folder: Path) -> None:
+def trained_context(config: ModelConfig, ckpt: dict) -> tuple[int, bool]:
+    """(the context the model was trained on, whether the checkpoint records it). Training's ``seq_len`` is in
+    ``train_config``; a checkpoint without it is assumed to have been trained on its whole positions table."""
+    seq_len = (ckpt.get("train_config") or {}).get("seq_len")
+    if isinstance(seq_len, int) and 1 <= seq_len <= config.max_seq_len:
+        return seq_len, True
+    return config.max_seq_len, False
+
+
+def write_tokenizer(tokenizer, max_length: int, folder: Path) -> None:
     """tokenizer.json (the BPE with <PAD>/<BOS>/<EOS> as special tokens, at the ids HILT gives them) and the two
-    small files AutoTokenizer reads beside it. Left padding: what batched generation with a decoder needs."""
+    small files AutoTokenizer reads beside it. Left padding: what batched generation with a decoder needs.
+    ``max_length`` (the trained context) becomes ``model_max_length``, which harnesses read as the window."""
     tokenizer._tok.save(str(folder / "tokenizer.json"))
     special = {"bos_token": "<BOS>", "eos_token": "<EOS>", "pad_token": "<PAD>"}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
-        "model_max_length": max_seq_len,
+        "model_max_length": max_length,
         "padding_side": "left",
         "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids: the model has none
         "add_bos_token": False,  # HILT encodes text without special tokens
@@ -280,7 +296,33 @@ def ilt_rows(c: ModelConfig) -> list[str]:
     ]
 
 
-def model_card(config: ModelConfig, meta: dict, n_params: int, tokenizer) -> str:
+def context_lines(config: ModelConfig, context: int, recorded: bool) -> list[str]:
+    """The model card's section on the context: what config.json and the tokenizer advertise, and why."""
+    advertised = (
+        f"config.json's `max_position_embeddings` and the tokenizer's `model_max_length` are {context}"
+    )
+    if not recorded:
+        return [
+            "The checkpoint does not record the sequence length it was trained on, so the whole positions table "
+            f"(`max_seq_len`, {context} tokens) is assumed to be the trained context: {advertised}. If training "
+            "used shorter sequences, give that length to evaluation harnesses (lm-evaluation-harness: "
+            "`--model_args max_length=N`); longer windows score positions the model never saw.",
+        ]
+    lines = [
+        f"The model was trained on sequences of {context} tokens, so {advertised}: evaluation harnesses "
+        f"(lm-evaluation-harness with its defaults) score windows of {context} tokens, as `hilt eval` does.",
+    ]
+    if context < config.max_seq_len:
+        lines[0] += (
+            f" The positions table reaches {config.max_seq_len} tokens (`max_seq_len`), but positions past "
+            f"{context} were never trained; `generate()` warns past them."
+        )
+    return lines
+
+
+def model_card(
+    config: ModelConfig, meta: dict, n_params: int, tokenizer, *, context: int, recorded: bool
+) -> str:
     specials = f"{tokenizer.pad_id}, {tokenizer.bos_id}, {tokenizer.eos_id}"
     tc = meta.get("train_config") or {}
     val_loss = meta.get("val_loss")
@@ -303,11 +345,15 @@ def model_card(config: ModelConfig, meta: dict, n_params: int, tokenizer) -> str
         "| --- | --- |",
         f"| parameters | {n_params:,} |",
         f"| layers x width (heads) | {c.n_layers} x {c.d_model} ({c.n_heads}), feed-forward {c.d_ff} |",
-        f"| context | {c.max_seq_len} tokens, sinusoidal positions |",
+        f"| context | {context} tokens{'' if recorded else ' (assumed)'}; positions table {c.max_seq_len} |",
         f"| vocabulary | {c.vocab_size} ids; `<PAD>`, `<BOS>`, `<EOS>` are {specials} |",
         f"| ILT kind | {ilt_kind(c)} |",
         *ilt_rows(c),
         f"| LM head tied to the embedding | {'yes' if c.tie_weights else 'no'} |",
+        "",
+        "## Context",
+        "",
+        *context_lines(c, context, recorded),
         "",
         "## Training",
         "",
