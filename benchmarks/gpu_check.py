@@ -724,7 +724,9 @@ class Checker:
 
         api = hilt_api()
         trained = api.load_model_and_tokenizer(self.work / "bf16" / "last_model.pt", self.device)[0]
-        model = api.HierarchicalTransformer(trained.config, cpu_kernels=False).to(self.device)  # the reference
+        model = api.HierarchicalTransformer(trained.config, cpu_kernels=False).to(
+            self.device
+        )  # the reference
         model.load_state_dict(trained.state_dict())
         model.eval()
         seq_len = int(self.sizes.model[self.sizes.model.index("--seq_len") + 1])

@@ -443,11 +443,10 @@ def test_a_checkpoint_the_export_cannot_represent_is_refused(tmp_path, capsys):
 
 def test_overwrite_replaces_and_a_failed_export_leaves_nothing(exported, tmp_path, capsys, monkeypatch):
     checkpoint = exported[1]
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    out = export(checkpoint, tmp_path / "out")  # --overwrite replaces only an earlier export
+    (out / "README.md").write_text("stale")
     assert main(["export", "--model_path", str(checkpoint), "--out_dir", str(out), "--overwrite"]) == 0
-    assert "stale.txt" not in {p.name for p in out.iterdir()} and (out / "model.safetensors").is_file()
+    assert (out / "README.md").read_text() != "stale" and (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left beside it
 
     import hilt.hf.export as export_module

@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection
 
 from hilt.cli.data import add_prepare, add_vocab, cmd_prepare, cmd_vocab
 from hilt.cli.evaluate import add_eval, add_inspect, add_plot, cmd_eval, cmd_inspect, cmd_plot
+from hilt.cli.export import add_export, cmd_export
 from hilt.cli.generate import add_generate, cmd_generate
 from hilt.cli.serve import add_serve, cmd_serve
 from hilt.cli.train import add_train, cmd_train
@@ -29,26 +30,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- subcommands ---------------------------------------------------------------------------------------------
-
-
-def add_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model_path",
-        required=True,
-        help="checkpoint to export, e.g. runs/x/best_model.pt (or an exported folder)",
-    )
-    p.add_argument("--out_dir", required=True, help="the Hugging Face folder to write, e.g. hf/x")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace an existing non-empty --out_dir (default off)"
-    )
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from hilt.hf.export import export
-
-    out = export(args.model_path, args.out_dir, overwrite=args.overwrite)
-    print(f"Exported {args.model_path} to {out} (docs/huggingface.md shows how to load it)")
-    return 0
 
 
 # name -> (add flags, run, help). Other modules add rows here as the toolkit grows; a subpackage keeps its own

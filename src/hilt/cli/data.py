@@ -15,7 +15,10 @@ from hilt.training.config import TrainConfig
 def add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text_file", required=True, help="the input, as for train")
     p.add_argument(
-        "--max_tokens", type=int, default=0, help="stop after the first N tokens; 0 = all (default %(default)s)"
+        "--max_tokens",
+        type=int,
+        default=0,
+        help="stop after the first N tokens; 0 = all (default %(default)s)",
     )
     add_fields(p, TrainConfig, only=("tokenizer",))
     p.add_argument("--threads", type=int, default=None, help="encoder threads (default: one per core)")
