@@ -9,7 +9,7 @@ from hilt.cli import main
 from hilt.data.batches import TokenBatches
 from hilt.data.tokenizer import Tokenizer
 from hilt.evaluation.evaluate import HeadLoss, evaluate_tokens, run_eval, sliding_windows
-from hilt.model import HierarchicalTransformer, kernels
+from hilt.model import HierarchicalTransformer, linear
 from hilt.training.run import TrainConfig, Trainer, run_training
 from tests.conftest import DATA_TXT, save_untrained_checkpoint, tiny_config
 
@@ -61,7 +61,7 @@ def head_path(request, monkeypatch):
     """HeadLoss's two ways to the logits: a packed oneDNN weight where torch has oneDNN (CPU), torch's matmul
     elsewhere."""
     if request.param == "torch's matmul":
-        monkeypatch.setattr(kernels, "onednn_packed", lambda *args, **kwargs: None)
+        monkeypatch.setattr(linear, "onednn_packed", lambda *args, **kwargs: None)
     elif not torch.backends.mkldnn.is_available():
         pytest.skip("torch without oneDNN")
     return request.param

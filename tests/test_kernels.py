@@ -391,7 +391,7 @@ def test_the_onednn_linear_equals_f_linear_forward_and_backward_in_fp32(bias, sh
 def test_the_onednn_linear_leaves_bf16_autocast_fp64_and_a_switched_off_onednn_to_f_linear(monkeypatch):
     layer = linear.OneDNNLinear(16, 8)
     x = torch.randn(4, 16)
-    monkeypatch.setattr(kernels, "_x86_with_avx", lambda: False)  # an ARM CPU: torch's own fp32 matmul stays
+    monkeypatch.setattr(linear, "_x86_with_avx", lambda: False)  # an ARM CPU: torch's own fp32 matmul stays
     assert type(layer(x).grad_fn).__name__ != "_OneDNNLinearBackward"
     assert linear.onednn_packed(layer.weight) is None
     monkeypatch.undo()

@@ -366,7 +366,7 @@ HILT_TRAIN = [sys.executable, "-m", "hilt", "train", *TRAIN_CMD[2:]]
 
 
 def test_a_run_on_an_out_dir_held_by_another_is_refused_naming_its_pid(tmp_path, capsys):
-    from hilt.training.run import LOCK_NAME, out_dir_lock
+    from hilt.training.out_dir import LOCK_NAME, out_dir_lock
 
     with out_dir_lock(
         tmp_path / "run"
