@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import REPO
 from tests.test_docs import script_flags
 
-SUITE = ["ablation", "bench", "bench_data", "engine_bench", "eval_bench", "serve_bench"]
+SUITE = ["ablation", "bench", "bench_data", "engine_bench", "eval_bench", "serve_bench", "threads_bench"]
 
 
 def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -73,6 +73,7 @@ class BusyCores:
 needs_two_threads = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: nothing to choose")
 
 
+@pytest.mark.slow
 @linux_proc
 @needs_two_threads
 def test_generate_on_busy_cores_decodes_on_one_thread_by_default_and_an_explicit_count_still_wins(
@@ -110,6 +111,7 @@ def test_generate_on_busy_cores_decodes_on_one_thread_by_default_and_an_explicit
     assert text.startswith(PROMPT) and len(text) > len(PROMPT)
 
 
+@pytest.mark.slow
 @needs_two_threads
 def test_generate_by_default_picks_a_count_and_writes_what_an_explicit_count_writes(checkpoint):
     default_text, default_counts, _ = generate(checkpoint)
@@ -118,6 +120,7 @@ def test_generate_by_default_picks_a_count_and_writes_what_an_explicit_count_wri
     assert default_text == one_text and default_text.startswith(PROMPT)
 
 
+@pytest.mark.slow
 def test_serve_by_default_picks_a_count_shows_it_and_answers_what_generate_writes(checkpoint, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "HILT_API_KEY")}
     log = (tmp_path / "serve.log").open("w")

@@ -11,13 +11,12 @@ picks its own count, and picks again as the load changes (``ThreadPicker``):
    cores they left free, one at the least. A count above that is dropped at once, without trying it: that is
    where the collapse happens.
 2. Speed. Among the counts allowed, a trial runs a few decoding steps on each in turn and keeps the fastest (the
-   current count unless another one's median step is 5% faster). A count whose first step takes over twice the
-   current count's is dropped from the trial after that one step. Trials come back after 1 s, then 2, 4, ... up
-   to 32 s while the choice holds, and at once when more counts become allowed.
+   current count unless another one's median step is 5% faster). A count whose step takes over twice the current
+   count's is dropped from the trial after that one step. Trials come back after 1 s, then 2, 4, ... up to 32 s
+   while the choice holds, and at once when more counts become allowed.
 
-It starts on one thread, which never collapses and is at most about 2x slower than the best on a free machine,
-for the first tenth of a second (the first reading of the room). Only steps without a prefill are timed, and
-only against steps of about the same number of rows.
+Until the first reading of the room, a tenth of a second in, it runs on one thread, which never collapses. Only
+steps without a prefill are timed, and only against steps of about the same number of rows.
 
 ``DecodeThreads`` is what the engine holds: a fixed count or the picker, applied on the decode thread only, and the
 process's setting restored when that thread ends (torch's count is per thread, but the last one set is also what
