@@ -11,7 +11,9 @@ import pytest
 from tests.conftest import REPO
 from tests.test_docs import script_flags
 
-SUITE = ["ablation", "bench", "bench_data", "engine_bench", "eval_bench", "serve_bench", "threads_bench"]
+SUITE = [
+    "ab_revisions", "ablation", "bench", "bench_data", "engine_bench", "eval_bench", "serve_bench", "threads_bench"
+]  # fmt: skip
 
 
 def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -55,3 +57,15 @@ def test_eval_bench_times_every_phase_of_a_tiny_model():
     assert float(rows[2][2].rstrip("x")) == pytest.approx(
         phases["hilt eval (evaluate_tokens)"] / training, abs=0.01
     )
+
+
+def test_equivalence_compares_two_fingerprints_entry_by_entry(tmp_path):
+    """A refactor's before/after check: identical fingerprints pass, one changed entry fails and is named."""
+    before, same, other = (tmp_path / f"{n}.json" for n in ("before", "same", "other"))
+    before.write_text('{"model": {"design w2": "ab"}, "design fp32": {"weights": "cd"}}')
+    same.write_text(before.read_text())
+    other.write_text('{"model": {"design w2": "ab"}, "design fp32": {"weights": "ce"}}')
+    assert run_script("equivalence", "--compare", str(before), str(same)).returncode == 0
+    proc = run_script("equivalence", "--compare", str(before), str(other))
+    assert proc.returncode == 1
+    assert "design fp32: DIFFERENT" in proc.stdout and "model: identical" in proc.stdout
