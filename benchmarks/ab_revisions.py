@@ -7,7 +7,8 @@ the machine's speed hits both alike. Both build the same models from the same se
 
 Measured per revision: bench.py's training contestants at the default shape (the design's HILT, n_layers_ilt=0,
 ilt_kind depth and x0; batch 16 x 128, the precision train.py would use, freed memory kept as train.py does) and
-batch-1 cached decoding of the design's model (48 greedy tokens, bf16 where training autocasts). ``--fp32``: all
+batch-1 cached decoding of the design's model (48 greedy tokens, bf16 where training autocasts; a model no step
+trains, so its decoding copy is built once, as in bench.py's generation rows). ``--fp32``: all
 of it in fp32, as on a CPU without native bf16; ``--prompt_tokens``: decoding after a longer prompt. Prints
 medians and new/old ratios. The worker finds each piece where either layout keeps it (the flat modules before the
 package was split by concern, the folders after).
@@ -56,9 +57,11 @@ def train_step(name):
     opt.step()
     opt.zero_grad(set_to_none=True)
 
+torch.manual_seed(0)
+decoder = HierarchicalTransformer(ModelConfig(vocab_size=50260)).eval()  # never trained: one decoding copy, kept
+
 def decode():
-    model = jobs["hilt"][0].eval()
-    return generate(model, prompt, 48, temperature=0, compute_dtype=dtype)
+    return generate(decoder, prompt, 48, temperature=0, compute_dtype=dtype)
 
 for line in sys.stdin:
     what = line.strip()
