@@ -97,6 +97,27 @@ def test_on_busy_cores_a_second_thread_is_never_tried():
     assert {c for c, _ in ran} == {1}
 
 
+def test_the_engine_starts_on_the_most_threads_the_room_allows():
+    for others, expected in ((0.0, 2), (1.0, 1), (2.0, 1), (None, 1)):
+        machine = FakeMachine(others=others)
+        picker = picker_on(machine)
+        picker.settle(sleep=lambda seconds, m=machine: setattr(m, "now", m.now + seconds))
+        assert picker.current == expected, others
+
+
+def test_a_prefill_takes_every_free_core_and_only_the_free_ones():
+    """On free cores a step with a prefill runs on both threads even while decoding stays on the one a trial kept;
+    on busy cores it stays on one, where two would collapse."""
+    idle = FakeMachine(others=0.0)
+    picker = picker_on(idle)
+    decode(picker, idle, {1: 10.0, 2: 30.0}, seconds=5)  # a second thread decodes slower here: one is kept
+    assert picker.current == 1 and picker.next_step(None) == 2 and picker.next_step(1) == 1
+    busy = FakeMachine(others=2.0)
+    picker = picker_on(busy)
+    decode(picker, busy, {1: 20.0, 2: 150.0}, seconds=5)
+    assert picker.next_step(None) == 1
+
+
 def test_when_other_work_starts_the_second_thread_is_dropped_at_the_next_reading_without_a_trial():
     machine = FakeMachine(others=0.0)
     picker = picker_on(machine)

@@ -6,7 +6,7 @@ other work running, one 100-token request took 10.6-18.1 s on two threads and 1.
 idle machine one thread has been the faster choice for small decoding steps on some CPUs. So the decode thread
 picks its own count, and picks again as the load changes (``ThreadPicker``):
 
-1. Room. Every half second it reads how much CPU time other processes used on the cores this process may run on
+1. Room. At the start and every half second it reads how much CPU time other processes used on the cores this process may run on
    (``OtherLoad``: Linux /proc/stat minus this process's own time) and allows only the counts that fit in the
    cores they left free, one at the least. A count above that is dropped at once, without trying it: that is
    where the collapse happens.
@@ -15,8 +15,12 @@ picks its own count, and picks again as the load changes (``ThreadPicker``):
    count's is dropped from the trial after that one step. Trials come back after 1 s, then 2, 4, ... up to 32 s
    while the choice holds, and at once when more counts become allowed.
 
-Until the first reading of the room, a tenth of a second in, it runs on one thread, which never collapses. Only
-steps without a prefill are timed, and only against steps of about the same number of rows.
+3. Size. A step with a prefill runs many tokens through large products, which every free core speeds up: it takes
+   the largest count allowed, not the picked one. Such steps are never timed; only steps without a prefill are,
+   and only against steps of about the same number of rows.
+
+It starts on the most threads the room allows, read over a tenth of a second when the engine starts (one thread
+where nothing can be read).
 
 ``DecodeThreads`` is what the engine holds: a fixed count or the picker, applied on the decode thread only, and the
 process's setting restored when that thread ends (torch's count is per thread, but the last one set is also what
@@ -146,6 +150,7 @@ class ThreadPicker:
         self.clock = clock
         self.current = 1
         self.allowed = [1]  # until the first reading of the room
+        self.room_known = False
         self.picks: deque[tuple[float, int, str]] = deque(maxlen=64)  # (time, count, why), the latest ones
         now = clock()
         self._next_check = now + FIRST_CHECK
@@ -170,7 +175,9 @@ class ThreadPicker:
             self._check_room(now)
         if not self._trial and now >= self._next_trial and len(self.allowed) > 1:
             self._trial, self._samples, self._trial_left = list(self.allowed), {}, TRIAL_LIMIT
-        count, bucket = self.current, None
+        # a step with a prefill runs many tokens through big products, which a free core speeds up: it takes all
+        # the room other processes leave (never a count that does not fit: that is the collapse); it is not timed
+        count, bucket = (self.current if rows is not None else self.allowed[-1]), None
         if rows is not None and self._trial:
             # the count with the fewest steps timed at this many rows (the current one first, as the yardstick)
             bucket = _bucket(rows)
@@ -199,11 +206,22 @@ class ThreadPicker:
     def idle(self) -> None:
         self._resumed = True
 
+    def settle(self, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Reads the room once before the first step and starts on the most threads it allows (a trial then
+        checks that count against the others): on free cores the first requests do not wait on one thread for a
+        trial to reach them. Costs the engine's start a tenth of a second."""
+        self.other_load()
+        sleep(FIRST_CHECK)
+        self._check_room(self.clock())
+        if self.room_known and self.allowed[-1] != self.current:
+            self._pick(self.allowed[-1], "the room at start")
+
     # --- the choice ---
 
     def _check_room(self, now: float) -> None:
         self._next_check = now + CHECK_EVERY
         others = self.other_load()
+        self.room_known = others is not None
         if others is None:
             fits = self.counts[-1]  # no reading: the trials' rejections are the only guard
         else:
@@ -266,6 +284,7 @@ class DecodeThreads:
         if threads == "auto":
             if device.type == "cpu" and self.initial > 1:
                 self.picker = ThreadPicker(self.initial)
+                self.picker.settle()
             self._apply(self.picker.current if self.picker else self.initial)
         else:
             self._apply(self.initial if threads is None else int(threads))
