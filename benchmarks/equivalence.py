@@ -95,34 +95,20 @@ def training_fingerprint(tmp: Path) -> dict:
             state = torch.load(run / "best_model.pt", map_location="cpu", weights_only=True)[
                 "model_state_dict"
             ]
-            checkpoint = str(run / "best_model.pt")
+            sample = (
+                "generate",
+                "--model_path",
+                str(run / "best_model.pt"),
+                "--prompt",
+                "ROMEO:",
+                "--max_len",
+                "40",
+            )
             out[f"{kind} {precision}"] = {
                 "losses": [{k: v for k, v in row.items() if "loss" in k} for row in rows],
                 "weights": digest(state[k] for k in sorted(state)),
-                "greedy": hilt(
-                    "generate",
-                    "--model_path",
-                    checkpoint,
-                    "--prompt",
-                    "ROMEO:",
-                    "--max_len",
-                    "40",
-                    "--temperature",
-                    "0",
-                ),  # fmt: skip
-                "seeded": hilt(
-                    "generate",
-                    "--model_path",
-                    checkpoint,
-                    "--prompt",
-                    "ROMEO:",
-                    "--max_len",
-                    "40",
-                    "--temperature",
-                    "1",
-                    "--seed",
-                    "5",
-                ),  # fmt: skip
+                "greedy": hilt(*sample, "--temperature", "0"),
+                "seeded": hilt(*sample, "--temperature", "1", "--seed", "5"),
             }
             print(kind, precision, out[f"{kind} {precision}"]["weights"][:12], file=sys.stderr, flush=True)
     return out

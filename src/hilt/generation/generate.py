@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hilt.generation.decoding import cache_dtype, decoding_weights, without_onednn
-from hilt.generation.sampling import check_sampling_args, context_start, sample_next_token  # noqa: F401 (re-exported)
+from hilt.generation.sampling import check_sampling_args, context_start, sample_next_token
 from hilt.model import HierarchicalTransformer
 from hilt.model.kv_cache import KVCache
 

@@ -23,13 +23,10 @@ class HiltConfig(PretrainedConfig):
 
     def __init__(self, vocab_size: int = 50260, max_position_embeddings: int | None = None, **kwargs):
         given = {name: kwargs.pop(name) for name in MODEL_FIELDS if name in kwargs}
-        # an older export's config.json: its removed variants are dropped where off and refused where on
-        given = ModelConfig.from_dict(
-            {"vocab_size": vocab_size, **given, **{n: kwargs.pop(n) for n in REMOVED if n in kwargs}}
-        ).to_dict()
-        given.pop("vocab_size")
-        # ModelConfig validates every field and fills the derived ones (d_ff), so a bad config.json fails here
-        model_config = ModelConfig(vocab_size=vocab_size, **given)
+        removed = {name: kwargs.pop(name) for name in REMOVED if name in kwargs}
+        # ModelConfig validates every field and fills the derived ones (d_ff), so a bad config.json fails here; an
+        # older export's removed variants are dropped where off and refused where on
+        model_config = ModelConfig.from_dict({"vocab_size": vocab_size, **given, **removed})
         for name, value in model_config.to_dict().items():
             setattr(self, name, value)
         # a folder exported before the trained context was recorded: the whole positions table, as it then said
